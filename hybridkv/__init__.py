@@ -1,0 +1,19 @@
+"""hybridkv: per-head compressed KV caches (HybridKV and baselines) inside transformers."""
+
+import hybridkv.attention  # noqa: F401  (registers the "hybridkv" attention implementation)
+from hybridkv.cache import held_bytes
+from hybridkv.methods import AdaKV, FullKV, SnapKV, StreamingLLM
+from hybridkv.models.architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from hybridkv.report import CacheReport
+
+__version__ = "0.1.0"
+__all__ = [
+    "AdaKV",
+    "CacheReport",
+    "FullKV",
+    "SUPPORTED_MODEL_TYPES",
+    "SnapKV",
+    "StreamingLLM",
+    "UnsupportedModelError",
+    "held_bytes",
+]

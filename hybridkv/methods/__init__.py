@@ -1,0 +1,9 @@
+"""KV methods: one file each, all with the same ``budget=`` / ``apply(model)`` / ``report`` interface."""
+
+from hybridkv.methods.adakv import AdaKV
+from hybridkv.methods.base import Method
+from hybridkv.methods.full_kv import FullKV
+from hybridkv.methods.snapkv import SnapKV
+from hybridkv.methods.streaming_llm import StreamingLLM
+
+__all__ = ["AdaKV", "FullKV", "Method", "SnapKV", "StreamingLLM"]

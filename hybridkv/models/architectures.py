@@ -1,0 +1,97 @@
+"""What differs per supported architecture: where the decoder's attention layers are, the
+visual token ids, and the KV geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
+    "qwen2": "Qwen2 / Qwen2.5 text decoders (Qwen2ForCausalLM)",
+    "llama": "Llama text decoders (LlamaForCausalLM, e.g. SmolLM2)",
+}
+MULTIMODAL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one hybridkv knows how to compress."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """KV geometry and modality facts of a supported model.
+
+    Attributes:
+        model_type: ``config.model_type`` (a key of :data:`SUPPORTED_MODEL_TYPES`).
+        num_layers / num_heads / num_kv_heads / head_dim: the text decoder's attention shape.
+        visual_token_ids: ids of image/video placeholder tokens (empty for text models).
+        turn_end_ids: ids that end a chat turn (the generation config's eos ids).
+    """
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    visual_token_ids: tuple[int, ...]
+    turn_end_ids: tuple[int, ...]
+
+    @property
+    def is_multimodal(self) -> bool:
+        """True for the vision-language architectures."""
+        return self.model_type in MULTIMODAL_MODEL_TYPES
+
+
+def _supported_list() -> str:
+    return "; ".join(SUPPORTED_MODEL_TYPES.values())
+
+
+def model_spec(model: torch.nn.Module) -> ModelSpec:
+    """Read the :class:`ModelSpec` of ``model`` or raise :class:`UnsupportedModelError`."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"hybridkv does not support model type {model_type!r}. Supported: {_supported_list()}."
+        )
+    if not hasattr(model, "generate"):
+        raise UnsupportedModelError(
+            f"hybridkv needs the generation head of the model ({type(model).__name__} has no generate()); "
+            f"load it with the *ForCausalLM / *ForConditionalGeneration class. Supported: {_supported_list()}."
+        )
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "use_sliding_window", False):
+        raise UnsupportedModelError("hybridkv does not support sliding-window attention layers; set use_sliding_window=False.")
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    visual = tuple(
+        int(i) for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None
+    ) if model_type in MULTIMODAL_MODEL_TYPES else ()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(text, "eos_token_id", None)
+    turn_end = tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None)
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        visual_token_ids=visual,
+        turn_end_ids=turn_end,
+    )
+
+
+def text_config(model: torch.nn.Module):
+    """The config object the text decoder's attention modules read ``_attn_implementation`` from."""
+    return attention_modules(model)[0].config
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The text decoder's self-attention modules, in layer order (index == ``layer_idx``)."""
+    decoder = model.get_decoder()
+    modules = [layer.self_attn for layer in decoder.layers]
+    assert all(m.layer_idx == i for i, m in enumerate(modules)), "decoder layers out of order"
+    return modules
