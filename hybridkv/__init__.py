@@ -2,8 +2,9 @@
 
 import hybridkv.attention  # noqa: F401  (registers the "hybridkv" attention implementation)
 from hybridkv.cache import held_bytes
-from hybridkv.methods import AdaKV, FullKV, SnapKV, StreamingLLM
+from hybridkv.methods import AdaKV, FullKV, HybridKV, SnapKV, StreamingLLM
 from hybridkv.models.architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from hybridkv.profile import HeadProfile, ProfileMismatchError, profile_heads
 from hybridkv.report import CacheReport
 
 __version__ = "0.1.0"
@@ -11,9 +12,13 @@ __all__ = [
     "AdaKV",
     "CacheReport",
     "FullKV",
+    "HeadProfile",
+    "HybridKV",
+    "ProfileMismatchError",
     "SUPPORTED_MODEL_TYPES",
     "SnapKV",
     "StreamingLLM",
     "UnsupportedModelError",
     "held_bytes",
+    "profile_heads",
 ]

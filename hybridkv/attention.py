@@ -56,6 +56,8 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tens
     kv_heads = layer.kv_heads
     group = hq // kv_heads
     q = query[0]  # (Hq, Q, D)
+    if layer.observer is not None:
+        layer.observer(q, layer)
     flat = [(layer.prefix_keys, layer.prefix_values, layer.prefix_heads)]
     if layer.retriever is not None:
         flat.append(layer.retriever.extra_entries(q))

@@ -100,7 +100,7 @@ class Engine:
         cache.layer_class_to_replicate = None
         self.cache = cache
         self._steps = self._attended = 0
-        self.method.begin_prompt(self.spec, self.spans)
+        self.method.begin_prompt(self.spec, self.spans, self.tokens_per_head)
 
     # ----------------------------------------------------------------- called by attention
     def layer(self, layer_idx: int) -> CompressedLayer:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-_MIN_RECENT_CAPACITY = 16
+_MIN_RECENT_CAPACITY = 8
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -39,6 +39,8 @@ class CompressedLayer(CacheLayerMixin):
             slots are valid and hold the tokens at positions ``[seen - recent_len, seen)``.
         retriever: optional object with ``extra_entries(query)`` adding per-step retrieved
             entries (dynamic heads); ``None`` for eviction-only methods.
+        observer: optional callable ``observer(query, layer)`` run at every decoding step
+            before attention (head profiling reads decode-time attention through it).
     """
 
     is_sliding = False
@@ -57,6 +59,7 @@ class CompressedLayer(CacheLayerMixin):
         self.recent_values: torch.Tensor | None = None
         self.recent_len = 0
         self.retriever: Any = None
+        self.observer: Any = None
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

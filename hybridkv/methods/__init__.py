@@ -3,7 +3,8 @@
 from hybridkv.methods.adakv import AdaKV
 from hybridkv.methods.base import Method
 from hybridkv.methods.full_kv import FullKV
+from hybridkv.methods.hybridkv import HybridKV
 from hybridkv.methods.snapkv import SnapKV
 from hybridkv.methods.streaming_llm import StreamingLLM
 
-__all__ = ["AdaKV", "FullKV", "Method", "SnapKV", "StreamingLLM"]
+__all__ = ["AdaKV", "FullKV", "HybridKV", "Method", "SnapKV", "StreamingLLM"]

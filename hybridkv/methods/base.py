@@ -97,7 +97,7 @@ class Method:
         """The :class:`CacheReport` of the last prompt run under ``apply`` (None before any)."""
         return self._engine.report() if self._engine is not None else None
 
-    def begin_prompt(self, spec: ModelSpec, spans: PromptSpans) -> None:
+    def begin_prompt(self, spec: ModelSpec, spans: PromptSpans, tokens_per_head: int) -> None:
         """Called once per prompt before any layer is compressed (global allocation hook)."""
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
