@@ -45,6 +45,10 @@ def flat_logits(
 def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, int]:
     """Attention of ``query`` over a compressed layer (prefix + retrieved + recent entries).
 
+    Parts with the same length for every head (the recent block, and the prefix when the
+    method kept the same number of tokens per head) are attended as (Hkv, n, D) blocks with a
+    batched product; parts with per-head lengths through :func:`flat_logits`.
+
     Args:
         layer: a compressed :class:`~hybridkv.cache.CompressedLayer` (batch 1).
         query: (1, Hq, Q, D) queries after RoPE; the Q newest recent tokens are their own.
@@ -58,30 +62,35 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tens
     q = query[0]  # (Hq, Q, D)
     if layer.observer is not None:
         layer.observer(q, layer)
-    flat = [(layer.prefix_keys, layer.prefix_values, layer.prefix_heads)]
+    recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
+    blocks = [(recent_k[0], recent_v[0])]  # (Hkv, n, D) parts; the recent block first
+    flat = []  # (keys (N, D), values (N, D), heads (N,)) parts
+    if layer.prefix_keys.shape[0] and len(set(layer.head_lengths)) == 1:  # sorted by head: a free (Hkv, n, D) view
+        blocks.append((layer.prefix_keys.view(kv_heads, -1, dim), layer.prefix_values.view(kv_heads, -1, dim)))
+    else:
+        flat.append((layer.prefix_keys, layer.prefix_values, layer.prefix_heads))
     if layer.retriever is not None:
         flat.append(layer.retriever.extra_entries(q))
     flat = [part for part in flat if part[0].shape[0] > 0]
 
-    recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
-    t_len = recent_k.shape[-2]
     q_grouped = q.reshape(kv_heads, group * q_len, dim)  # rows (g, q) per KV head
-    recent_logits = (q_grouped @ recent_k[0].transpose(1, 2)).float() * scaling  # (Hkv, G*Q, T)
-    if q_len > 1:  # query i sits at recent slot t_len - q_len + i
-        query_slot = torch.arange(t_len - q_len, t_len, device=q.device).repeat(group)  # (G*Q,)
+    parts = [(q_grouped @ k.transpose(1, 2)).float().mul_(scaling).reshape(hq * q_len, -1) for k, _ in blocks]
+    t_len = recent_k.shape[-2]
+    if q_len > 1:  # query i sits at recent slot t_len - q_len + i; rows are ordered (head, g, q)
+        query_slot = torch.arange(t_len - q_len, t_len, device=q.device).repeat(hq)  # (Hq*Q,)
         future = torch.arange(t_len, device=q.device)[None, :] > query_slot[:, None]
-        recent_logits = recent_logits.masked_fill(future[None], float("-inf"))
-    parts = [flat_logits(k, h, q, scaling, group) for k, _, h in flat]
-    parts.append(recent_logits.reshape(hq * q_len, t_len))
+        parts[0] = parts[0].masked_fill(future, float("-inf"))
+    parts += [flat_logits(k, h, q, scaling, group) for k, _, h in flat]
     probs = torch.softmax(torch.cat(parts, dim=1), dim=1).to(recent_v.dtype)  # (Hq*Q, total)
 
-    sizes = [p.shape[1] for p in parts]
-    chunks = probs.split(sizes, dim=1)
-    out = torch.bmm(chunks[-1].reshape(kv_heads, group * q_len, t_len), recent_v[0])  # (Hkv, G*Q, D)
+    chunks = probs.split([p.shape[1] for p in parts], dim=1)
+    out = torch.zeros(kv_heads, group * q_len, dim, dtype=recent_v.dtype, device=q.device)
+    for (_, values), p in zip(blocks, chunks):
+        out = out + torch.bmm(p.reshape(kv_heads, group * q_len, -1), values)
     out = out.reshape(hq * q_len, dim)
-    for (_, values, _), p in zip(flat, chunks[:-1]):
+    for (_, values, _), p in zip(flat, chunks[len(blocks):]):
         out = out + p @ values
-    attended = sum(k.shape[0] for k, _, _ in flat) + kv_heads * t_len
+    attended = sum(k.shape[0] * k.shape[1] for k, _ in blocks) + sum(k.shape[0] for k, _, _ in flat)
     return out.reshape(1, hq, q_len, dim).transpose(1, 2), attended
 
 

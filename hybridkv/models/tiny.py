@@ -26,6 +26,17 @@ PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
 TINY_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "qwen2", "llama")
 
 
+def vision_ids(vocab_size: int = VOCAB) -> tuple[int, int, int, int]:
+    """(vision_start, vision_end, image_pad, video_pad) ids: Qwen's real ids when the vocabulary
+    holds them, else the last four ids of a smaller vocabulary (benchmarks use a small vocabulary
+    so that the KV cache, not the output layer, dominates decoding)."""
+    if vocab_size >= VOCAB:
+        return VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD
+    if vocab_size <= TEXT_IDS + 4:
+        raise ValueError(f"vocab_size must exceed {TEXT_IDS + 4} (text ids + 4 vision ids), got {vocab_size}.")
+    return vocab_size - 4, vocab_size - 3, vocab_size - 2, vocab_size - 1
+
+
 def tiny_model(
     model_type: str,
     *,
@@ -42,7 +53,7 @@ def tiny_model(
     Args:
         model_type: one of :data:`TINY_ARCHITECTURES`.
         hidden_size / layers / heads / kv_heads: text decoder shape (head_dim = hidden/heads).
-        vocab_size: text vocabulary (must exceed 151656 for the VL models).
+        vocab_size: text vocabulary (see :func:`vision_ids` for the vision token ids).
     """
     torch.manual_seed(seed)
     text = dict(
@@ -59,8 +70,8 @@ def tiny_model(
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     vision = dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=hidden_size, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, in_channels=3)
-    tokens = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-                  vision_end_token_id=VISION_END)
+    start, end, image, video = vision_ids(vocab_size)
+    tokens = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
     if model_type == "qwen2_5_vl":
         vision.update(intermediate_size=64, fullatt_block_indexes=[0], window_size=56)
@@ -86,7 +97,13 @@ def tiny_model(
 
 
 def visual_inputs(
-    images: int = 1, grid: int = 8, video_frames: int = 0, text_before: int = 6, question: int = 12, seed: int = 0
+    images: int = 1,
+    grid: int = 8,
+    video_frames: int = 0,
+    text_before: int = 6,
+    question: int = 12,
+    seed: int = 0,
+    vocab_size: int = VOCAB,
 ) -> dict[str, torch.Tensor]:
     """A Qwen-VL style prompt of ``images`` random images (and optionally one video) plus text.
 
@@ -96,23 +113,25 @@ def visual_inputs(
     Args:
         grid: patches per image side (even); each image gives grid*grid/4 visual tokens.
         video_frames: even number of frames of the video (0: none); grid*grid/4 tokens per 2 frames.
+        vocab_size: the model's vocabulary (picks the vision ids, see :func:`vision_ids`).
     Returns:
         ``input_ids`` / ``attention_mask`` (1, L), ``pixel_values`` (patches, 1176) and
         ``image_grid_thw`` (images, 3); ``pixel_values_videos`` / ``video_grid_thw`` with a video.
     """
     gen = torch.Generator().manual_seed(seed)
+    start, end, image, video = vision_ids(vocab_size)
     per_image = grid * grid // (MERGE * MERGE)
     ids = [torch.randint(1, TEXT_IDS, (text_before,), generator=gen)]
     out: dict[str, torch.Tensor] = {}
     patch_dim = 3 * TEMPORAL_PATCH * PATCH * PATCH
     for _ in range(images):
-        ids.append(torch.tensor([VISION_START] + [IMAGE_PAD] * per_image + [VISION_END]))
+        ids.append(torch.tensor([start] + [image] * per_image + [end]))
     if images:
         out["pixel_values"] = torch.randn(images * grid * grid, patch_dim, generator=gen)
         out["image_grid_thw"] = torch.tensor([[1, grid, grid]] * images)
     if video_frames:
         t = video_frames // TEMPORAL_PATCH
-        ids.append(torch.tensor([VISION_START] + [VIDEO_PAD] * (t * per_image) + [VISION_END]))
+        ids.append(torch.tensor([start] + [video] * (t * per_image) + [end]))
         out["pixel_values_videos"] = torch.randn(t * grid * grid, patch_dim, generator=gen)
         out["video_grid_thw"] = torch.tensor([[t, grid, grid]])
     ids.append(torch.randint(1, TEXT_IDS, (question,), generator=gen))

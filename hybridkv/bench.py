@@ -1,0 +1,128 @@
+"""Side-by-side memory and decode-speed measurement of KV methods (used by ``benchmarks/`` and
+``hybridkv bench``).
+
+Every method runs on the same model and prompt in one process: a prefill, then greedy
+decoding steps timed one by one (positions from the cache's length, as in a serving loop);
+the median step time is reported. Bytes held are counted from the cache's tensor storages.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from hybridkv.methods.base import Method
+
+
+def timed_decode(model: torch.nn.Module, inputs: dict, new_tokens: int) -> tuple[float, list[float], DynamicCache]:
+    """Prefill ``inputs`` once, then ``new_tokens`` greedy steps, each timed alone.
+
+    Returns:
+        (prefill seconds, per-step decode milliseconds, the cache).
+    """
+    cache = DynamicCache()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        prefill = time.perf_counter() - start
+        steps = []
+        for _ in range(new_tokens):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            steps.append(1000 * (time.perf_counter() - start))
+    return prefill, steps, cache
+
+
+def dynamic_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes of keys and values a plain DynamicCache holds."""
+    return sum(l.keys.untyped_storage().nbytes() + l.values.untyped_storage().nbytes() for l in cache.layers)
+
+
+def padded_layout_bytes(head_budgets: list[list[int]], head_dim: int, element: int) -> int:
+    """Bytes a padded per-head layout would hold: per layer, kv_heads x the longest head (K and V)."""
+    return sum(len(heads) * max(heads) * head_dim * 2 * element for heads in head_budgets)
+
+
+def measure(
+    model: torch.nn.Module,
+    inputs: dict,
+    methods: dict[str, Method | None],
+    new_tokens: int = 32,
+    repeats: int = 3,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Measure every method (None = the plain model) on one prompt.
+
+    Returns:
+        One row per method: bytes held (resident, offloaded), the DynamicCache's bytes,
+        padded-layout bytes, attended tokens per step, median prefill seconds and decode
+        ms/token, and the ratio of full to held bytes.
+    """
+    rows = []
+    prompt = inputs["input_ids"].shape[1]
+    for name, method in methods.items():
+        prefills, steps = [], []
+        for _ in range(repeats):
+            if method is None:
+                prefill, ms, cache = timed_decode(model, inputs, new_tokens)
+            else:
+                with method.apply(model):
+                    prefill, ms, cache = timed_decode(model, inputs, new_tokens)
+            prefills.append(prefill)
+            steps += ms
+        row = {"method": name, "budget": getattr(method, "budget", None), "prompt_tokens": prompt,
+               "new_tokens": new_tokens}
+        if method is None:
+            held = dynamic_cache_bytes(cache)
+            row.update(resident_kv_bytes=held, offloaded_kv_bytes=0, full_kv_bytes=held, padded_layout_bytes=held,
+                       attended_tokens_per_step=cache.get_seq_length())
+        else:
+            report = method.report
+            layer = cache.layers[0]
+            row.update(resident_kv_bytes=report.resident_kv_bytes, offloaded_kv_bytes=report.offloaded_kv_bytes,
+                       full_kv_bytes=report.full_kv_bytes,
+                       padded_layout_bytes=padded_layout_bytes(report.head_budgets, layer.head_dim, layer.dtype.itemsize),
+                       attended_tokens_per_step=round(report.attended_tokens_per_step, 1))
+        row["x_less_kv"] = round(row["full_kv_bytes"] / (row["resident_kv_bytes"] + row["offloaded_kv_bytes"]), 2)
+        row["prefill_s"] = round(statistics.median(prefills), 3)
+        row["decode_ms_per_token"] = round(statistics.median(steps), 2)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def machine() -> dict:
+    """Where the figures come from."""
+    return {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_results(rows: list[dict], out: str | Path, meta: dict) -> None:
+    """Write ``out``.csv and ``out``.json (rows plus ``meta`` and :func:`machine`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".json").write_text(json.dumps({"meta": {**meta, **machine()}, "rows": rows}, indent=2))
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print rows as an aligned text table."""
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
