@@ -116,7 +116,7 @@ def hybridkv_attention(
         if key.shape[-2] != query.shape[-2]:
             raise RuntimeError("hybridkv: the first forward of a prompt must prefill it whole (no chunked prefill).")
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        engine.compress_layer(module, query, layer)
+        engine.compress_layer(module.layer_idx, query[0], scaling, layer)
         return out.transpose(1, 2).contiguous(), None
     out, attended = attend_layer(layer, query, scaling)
     engine.record_step(module.layer_idx, attended, query.shape[-2])

@@ -102,28 +102,34 @@ class Engine:
         self._steps = self._attended = 0
         self.method.begin_prompt(self.spec, self.spans, self.tokens_per_head)
 
+    def cache_from_prefill(self, capture) -> DynamicCache:
+        """A cache for the captured prompt, compressed by this engine's method layer by layer,
+        as if the prompt had been prefilled under it (the prefill attention itself is full for
+        every method, so the prefill's logits are shared too). Decode with it inside this context.
+
+        Args:
+            capture: a :class:`hybridkv.harness.PrefillCapture` of the same model.
+        """
+        cache = DynamicCache()
+        self._begin_prompt(cache, capture.input_ids, capture.input_ids.shape[1])
+        for idx, (queries, keys, values) in enumerate(capture.layers):
+            cache.layers[idx].update(keys[None], values[None])
+            self.compress_layer(idx, queries, capture.scaling, cache.layers[idx])
+        return cache
+
     # ----------------------------------------------------------------- called by attention
     def layer(self, layer_idx: int) -> CompressedLayer:
         """The compressed layer ``layer_idx`` of the current prompt's cache."""
         return self.cache.layers[layer_idx]
 
-    def compress_layer(self, module: torch.nn.Module, query: torch.Tensor, layer: CompressedLayer) -> None:
-        """Let the method compress ``layer`` now that its prefill attention is done.
+    def compress_layer(self, layer_idx: int, queries: torch.Tensor, scaling: float, layer: CompressedLayer) -> None:
+        """Let the method compress ``layer`` (holding the whole prompt) once its prefill attention is done.
 
         Args:
-            query: (1, Hq, L, D) prompt queries after RoPE.
+            queries: (Hq, L, D) prompt queries after RoPE.
         """
         keys, values = layer.recent()
-        ctx = LayerContext(
-            layer_idx=module.layer_idx,
-            spec=self.spec,
-            queries=query[0],
-            keys=keys[0],
-            values=values[0],
-            scaling=module.scaling,
-            spans=self.spans,
-            tokens_per_head=self.tokens_per_head,
-        )
+        ctx = LayerContext(layer_idx, self.spec, queries, keys[0], values[0], scaling, self.spans, self.tokens_per_head)
         self.method.compress(ctx, layer)
 
     def record_step(self, layer_idx: int, attended: int, q_len: int) -> None:

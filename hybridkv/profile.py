@@ -188,12 +188,13 @@ def profile_heads(
     Args:
         model: a supported model.
         samples: processor outputs (dicts of tensors with ``input_ids``, batch 1) with
-            visual tokens (or, for text models, a context before the question).
+            visual tokens (or, for text models, a context before the question); a sample may
+            carry an int ``"query_tokens"`` entry (its question length) for text models.
         decode_tokens: greedy tokens decoded per sample with the full cache (the steps ``t``).
         topk_share: share of context tokens in ``TopK(a_text)``.
         threshold: staticness below which a head is dynamic.
         max_dynamic_share: cap on the share of dynamic heads.
-        query_tokens: text models only: trailing question tokens (see ``Method.apply``).
+        query_tokens: text models only: trailing question tokens of samples without their own.
         progress: show a progress bar over samples.
     Returns:
         The :class:`HeadProfile` (staticness and importance averaged over samples and steps).
@@ -209,9 +210,11 @@ def profile_heads(
         from tqdm.auto import tqdm
 
         iterator = tqdm(samples, desc="profiling heads", unit="sample")
-    with torch.inference_mode(), profiler.apply(model, query_tokens=query_tokens):
+    with torch.inference_mode():
         for sample in iterator:
-            model.generate(**sample, max_new_tokens=decode_tokens, do_sample=False)
+            sample = dict(sample)
+            with profiler.apply(model, query_tokens=sample.pop("query_tokens", query_tokens)):
+                model.generate(**sample, max_new_tokens=decode_tokens, do_sample=False)
     steps = profiler.steps.clamp_min(1)[:, None].double()
     staticness = (profiler.static_sum / steps).float()
     importance = (profiler.mass_sum / steps).float()

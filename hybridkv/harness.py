@@ -1,0 +1,112 @@
+"""Prefill once, decode under many methods: the evaluation harness's shared path.
+
+Every hybridkv method computes the prefill with full attention and compresses each layer at
+its end, so the prefill's logits and every layer's (queries, keys, values) are the same for
+all methods. :func:`capture_prefill` records them once per prompt; :func:`decode` builds each
+method's compressed cache from the capture (``Engine.cache_from_prefill``) and decodes in a
+plain loop. ``tests/test_harness.py`` proves this gives the tokens of
+``with method.apply(model): model.generate(...)`` for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from hybridkv.cache import CompressedLayer
+from hybridkv.methods.base import LayerContext, Method
+
+
+@dataclass
+class PrefillCapture:
+    """One prompt's full prefill.
+
+    Attributes:
+        input_ids: (1, L) prompt ids. query_tokens: the question span given to methods.
+        layers: per layer (queries (Hq, L, D), keys (Hkv, L, D), values (Hkv, L, D)), after RoPE.
+        scaling: attention softmax scale. last_logits: (vocab,) float32 logits of the last prompt position.
+    """
+
+    input_ids: torch.Tensor
+    query_tokens: int | None
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scaling: float
+    last_logits: torch.Tensor
+
+
+class _Capture(Method):
+    """Keeps everything and records each layer's prefill tensors."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.layers: list = []
+        self.scaling = 1.0
+
+    def compress(self, ctx: LayerContext, layer: CompressedLayer) -> None:
+        self.layers.append((ctx.queries, ctx.keys, ctx.values))
+        self.scaling = ctx.scaling
+        layer.compress(torch.ones(ctx.keys.shape[:2], dtype=torch.bool, device=ctx.keys.device))
+
+
+def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | None = None) -> PrefillCapture:
+    """Prefill ``inputs`` (batch 1) with the full cache and record what every method needs."""
+    capture = _Capture()
+    with torch.inference_mode(), capture.apply(model, query_tokens=query_tokens):
+        out = model(**inputs, past_key_values=DynamicCache(), use_cache=True)
+    return PrefillCapture(inputs["input_ids"], query_tokens, capture.layers, capture.scaling,
+                          out.logits[0, -1].float())
+
+
+@dataclass
+class Decoded:
+    """Greedy (or teacher-forced) decoding under one method.
+
+    Attributes:
+        tokens: (T,) generated (or forced) ids. logits: (T, vocab) float32 logits that chose them.
+        report: the method's :class:`~hybridkv.report.CacheReport`.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    report: object
+
+
+def decode(model: torch.nn.Module, method: Method, capture: PrefillCapture, max_new_tokens: int,
+           forced: torch.Tensor | None = None, stop_ids: tuple[int, ...] = ()) -> Decoded:
+    """Decode from a captured prefill under ``method``.
+
+    Args:
+        max_new_tokens: tokens to produce (the first comes from the shared prefill logits).
+        forced: (T,) ids to feed instead of the argmax (teacher forcing, for KL); T bounds the steps.
+        stop_ids: greedy decoding stops after emitting one of these.
+    """
+    steps = max_new_tokens if forced is None else forced.shape[0]
+    logits, tokens = [capture.last_logits], []
+    with torch.inference_mode(), method.apply(model, query_tokens=capture.query_tokens) as engine:
+        cache = engine.cache_from_prefill(capture)
+        for step in range(steps):
+            token = int(forced[step]) if forced is not None else int(logits[-1].argmax())
+            tokens.append(token)
+            if step == steps - 1 or (forced is None and token in stop_ids):
+                break
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+    return Decoded(torch.tensor(tokens), torch.stack(logits[: len(tokens)]), method.report)
+
+
+def prefix_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of the reference's tokens reproduced before the first difference (1.0 = identical)."""
+    n = min(tokens.shape[0], reference.shape[0])
+    differ = (tokens[:n] != reference[:n]).nonzero()
+    same = int(differ[0]) if differ.numel() else n
+    return same / max(1, reference.shape[0])
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over steps of KL(reference || method) of the next-token distributions (nats)."""
+    ref = F.log_softmax(reference_logits, dim=-1)
+    mine = F.log_softmax(logits, dim=-1)
+    return float((ref.exp() * (ref - mine)).sum(-1).mean())
