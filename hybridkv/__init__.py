@@ -3,6 +3,7 @@
 import hybridkv.attention  # noqa: F401  (registers the "hybridkv" attention implementation)
 from hybridkv.cache import held_bytes
 from hybridkv.methods import AdaKV, FullKV, HybridKV, SnapKV, StreamingLLM
+from hybridkv.methods import H2O, PyramidKV, Quest, SparseMM
 from hybridkv.models.architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from hybridkv.profile import HeadProfile, ProfileMismatchError, profile_heads
 from hybridkv.report import CacheReport
@@ -12,11 +13,15 @@ __all__ = [
     "AdaKV",
     "CacheReport",
     "FullKV",
+    "H2O",
     "HeadProfile",
     "HybridKV",
     "ProfileMismatchError",
+    "PyramidKV",
+    "Quest",
     "SUPPORTED_MODEL_TYPES",
     "SnapKV",
+    "SparseMM",
     "StreamingLLM",
     "UnsupportedModelError",
     "held_bytes",

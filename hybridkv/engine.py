@@ -148,6 +148,7 @@ class Engine:
         held = sum(sum(held_bytes(layer).values()) for layer in layers)
         # A retriever that keeps its chunk pool in host memory says how many of those bytes it holds.
         offloaded = sum(getattr(layer.retriever, "offloaded_bytes", 0) for layer in layers)
+        stored = [layer.stored_per_head() for layer in layers]
         extra = self.method.report_extra()
         return CacheReport(
             method=type(self.method).__name__,
@@ -162,8 +163,8 @@ class Engine:
             resident_kv_bytes=held - offloaded,
             offloaded_kv_bytes=offloaded,
             attended_tokens_per_step=self._attended / max(1, self._steps) / spec.num_kv_heads,
-            layer_budgets=[sum(layer.head_lengths) for layer in layers],
-            head_budgets=[list(layer.head_lengths) for layer in layers],
+            layer_budgets=[sum(heads) for heads in stored],
+            head_budgets=stored,
             head_types=extra.pop("head_types", None),
             profile_source=extra.pop("profile_source", None),
             extra=extra,

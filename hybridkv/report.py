@@ -22,8 +22,9 @@ class CacheReport:
         offloaded_kv_bytes: bytes held in host memory for retrieval (0 for eviction methods).
         attended_tokens_per_step: mean over decoding steps, layers and KV heads of the tokens
             a head attends over.
-        layer_budgets: kept prompt tokens per layer (summed over KV heads).
-        head_budgets: kept prompt tokens per layer and KV head.
+        layer_budgets: prompt tokens held per layer (summed over KV heads, all tiers).
+        head_budgets: prompt tokens held per layer and KV head: kept entries plus any
+            retrieval pool (what a head attends per step is method-specific, see ``extra``).
         head_types: per layer and KV head, ``"static"``/``"dynamic"`` (HybridKV) or None.
         profile_source: ``"offline"``/``"online"`` for HybridKV, None otherwise.
         extra: method-specific figures.

@@ -53,6 +53,11 @@ class ChunkRetriever:
             return 0
         return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
+    def stored_per_head(self) -> list[int]:
+        """Prompt tokens each KV head holds in the pool."""
+        counts = torch.bincount(self.chunk_heads, minlength=self.select_per_head.shape[0])
+        return (counts * self.chunk_size).tolist()
+
     def chunk_scores(self, q: torch.Tensor) -> torch.Tensor:
         """(M,) upper bound of the chunk's attention logits for the queries q (Hq, Q, D)."""
         kv_heads = self.select_per_head.shape[0]

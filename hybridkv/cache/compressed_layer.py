@@ -156,8 +156,7 @@ class CompressedLayer(CacheLayerMixin):
             new_v[:, :, : self.recent_len] = self.recent_values[:, :, : self.recent_len]
         self.recent_keys, self.recent_values = new_k, new_v
 
-    def kept_per_head(self) -> list[int]:
-        """Tokens each KV head holds now: its kept prompt entries plus the recent block."""
-        if not self.compressed:
-            return [self.recent_len] * self.kv_heads
-        return [n + self.recent_len for n in self.head_lengths]
+    def stored_per_head(self) -> list[int]:
+        """Prompt tokens each KV head holds in all tiers: kept entries plus its retrieval pool."""
+        pooled = self.retriever.stored_per_head() if self.retriever is not None else [0] * self.kv_heads
+        return [kept + extra for kept, extra in zip(self.head_lengths, pooled)]

@@ -32,7 +32,8 @@ class AdaKV(Method):
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
         """(Hkv, L) mask with ``tokens_per_head x Hkv`` entries in all, unevenly per head."""
-        scores = snap_scores(ctx.queries, ctx.keys, self.window_size, self.kernel_size, ctx.scaling)
+        window = min(self.window_size, ctx.tokens_per_head)  # a budget below the window keeps its newest tokens
+        scores = snap_scores(ctx.queries, ctx.keys, window, self.kernel_size, ctx.scaling)
         kv_heads, length = scores.shape
         total = ctx.tokens_per_head * kv_heads
         floor = top_mask(scores, int(self.alpha_safeguard * ctx.tokens_per_head))

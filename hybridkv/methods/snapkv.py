@@ -28,5 +28,6 @@ class SnapKV(Method):
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
         """(Hkv, L) mask of the ``tokens_per_head`` best-scoring tokens of each head."""
-        scores = snap_scores(ctx.queries, ctx.keys, self.window_size, self.kernel_size, ctx.scaling)
+        window = min(self.window_size, ctx.tokens_per_head)  # a budget below the window keeps its newest tokens
+        scores = snap_scores(ctx.queries, ctx.keys, window, self.kernel_size, ctx.scaling)
         return top_mask(scores, ctx.tokens_per_head)
