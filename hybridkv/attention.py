@@ -65,7 +65,7 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tens
     recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
     blocks = [(recent_k[0], recent_v[0])]  # (Hkv, n, D) parts; the recent block first
     flat = []  # (keys (N, D), values (N, D), heads (N,)) parts
-    if layer.prefix_keys.shape[0] and len(set(layer.head_lengths)) == 1:  # sorted by head: a free (Hkv, n, D) view
+    if layer.uniform:  # sorted by head: a free (Hkv, n, D) view
         blocks.append((layer.prefix_keys.view(kv_heads, -1, dim), layer.prefix_values.view(kv_heads, -1, dim)))
     else:
         flat.append((layer.prefix_keys, layer.prefix_values, layer.prefix_heads))

@@ -35,6 +35,8 @@ class CompressedLayer(CacheLayerMixin):
         prefix_heads: (N,) int32 KV-head index of each entry.
         prefix_positions: (N,) int32 prompt position of each entry.
         head_lengths: per-head kept prompt entries, list of ``kv_heads`` ints.
+        uniform: every head kept the same (non-zero) number of prompt entries, so the prefix
+            is also a (kv_heads, n, head_dim) view.
         recent_keys / recent_values: (1, kv_heads, capacity, head_dim); the first ``recent_len``
             slots are valid and hold the tokens at positions ``[seen - recent_len, seen)``.
         retriever: optional object with ``extra_entries(query)`` adding per-step retrieved
@@ -55,6 +57,7 @@ class CompressedLayer(CacheLayerMixin):
         self.prefix_heads: torch.Tensor | None = None
         self.prefix_positions: torch.Tensor | None = None
         self.head_lengths: list[int] = []
+        self.uniform = False
         self.recent_keys: torch.Tensor | None = None
         self.recent_values: torch.Tensor | None = None
         self.recent_len = 0
@@ -132,6 +135,7 @@ class CompressedLayer(CacheLayerMixin):
         self.prefix_heads = heads.to(torch.int32)
         self.prefix_positions = positions.to(torch.int32)
         self.head_lengths = keep.sum(dim=1).tolist()
+        self.uniform = heads.numel() > 0 and len(set(self.head_lengths)) == 1
         self.recent_keys = self.recent_values = self.keys = self.values = None
         self.recent_len = 0
         self.compressed = True

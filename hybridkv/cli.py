@@ -1,0 +1,152 @@
+"""``hybridkv`` command line: profile, eval, generate (and demo / bench where available)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[float], seeds: list[int]):
+    from hybridkv.data.text_tasks import TextTaskBuilder
+
+    builder = TextTaskBuilder(tokenizer)
+    return [getattr(builder, kind)(length, depth, seed)
+            for kind in kinds for length in lengths for depth in depths for seed in seeds]
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    """Stage 1 on calibration prompts (seeds disjoint from eval's), JSON + PNG heat map."""
+    from hybridkv.models.loading import load_model
+    from hybridkv.plots import profile_heatmap
+    from hybridkv.profile import profile_heads
+
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    tasks = _text_tasks(tokenizer, ["needle"], [args.length], [(i + 0.5) / args.samples for i in range(args.samples)],
+                        [1000])
+    samples = [{**t.inputs(), "query_tokens": t.query_tokens} for t in tasks]
+    profile = profile_heads(model, samples, decode_tokens=args.decode_tokens, threshold=args.threshold,
+                            max_dynamic_share=args.max_dynamic_share, progress=True)
+    profile.save(args.out)
+    png = args.png or str(Path(args.out).with_suffix(".png"))
+    profile_heatmap(profile, png, title=f"{args.model}: staticness ({profile.dynamic_share:.0%} dynamic)")
+    print(f"wrote {args.out} and {png}: {profile.dynamic_share:.0%} of KV heads dynamic")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Methods x budgets on long-text retrieval (resumable), table + CSV/JSON + PNG."""
+    from hybridkv import evaluation
+    from hybridkv.bench import write_results
+    from hybridkv.models.loading import load_model
+    from hybridkv.profile import HeadProfile
+
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    profile = HeadProfile.load(args.profile) if args.profile else None
+    methods = [m for m in args.methods if profile is not None or m not in evaluation._NEED_PROFILE]
+    skipped = sorted(set(args.methods) - set(methods))
+    if skipped:
+        print(f"no --profile: skipping {', '.join(skipped)}", file=sys.stderr)
+    tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
+    out = Path(args.out)
+    store = evaluation.ResultStore(out.with_suffix(".jsonl"))
+    evaluation.evaluate(model, tokenizer, args.model, tasks, store, methods, args.budgets, args.peers, profile,
+                        args.max_new_tokens)
+    table = evaluation.summarize(store.rows.values(), args.model)
+    write_results(table, out, {"benchmark": "quality", "model": args.model, "tasks": len(tasks)})
+    evaluation.plot(table, out.with_suffix(".png"), title=f"{args.model}: retrieval accuracy ({len(tasks)} prompts)")
+    markdown = evaluation.markdown_table(table)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """One prompt through one method; prints the answer and the cache report."""
+    import torch
+
+    from hybridkv.evaluation import make_method
+    from hybridkv.models.loading import load_model
+    from hybridkv.profile import HeadProfile
+
+    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    method = make_method(args.method, args.budget, HeadProfile.load(args.profile) if args.profile else None)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    with torch.inference_mode(), method.apply(model, query_tokens=args.query_tokens):
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    report = method.report.to_dict()
+    print(json.dumps({k: report[k] for k in ("method", "prompt_tokens", "full_kv_bytes", "resident_kv_bytes",
+                                             "offloaded_kv_bytes", "compression_ratio", "attended_tokens_per_step")}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from hybridkv.evaluation import BUDGETS, METHODS
+    from hybridkv.models.pretrained import KNOWN_MODELS
+
+    parser = argparse.ArgumentParser(prog="hybridkv", description="Per-head compressed KV caches inside transformers.")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids spin-waiting when cores are shared)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    known = f"a known name ({', '.join(KNOWN_MODELS)}) or a transformers checkpoint path"
+
+    p = sub.add_parser("profile", help="classify KV heads static/dynamic (stage 1) -> JSON + PNG heat map")
+    p.add_argument("--model", required=True, help=known)
+    p.add_argument("--out", required=True, help="profile JSON path")
+    p.add_argument("--png", help="heat map path (default: next to --out)")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--length", type=int, default=1024, help="calibration prompt length (tokens)")
+    p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--max-dynamic-share", type=float, default=0.5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("eval", help="methods x budgets on long-text retrieval (resumable)")
+    p.add_argument("--model", required=True, help=known)
+    p.add_argument("--task", nargs="+", default=["needle", "multi_key"], choices=["needle", "multi_key"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
+    p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default="results/quality")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer one text prompt under one method and print its cache report")
+    p.add_argument("--model", required=True, help=known)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--method", default="HybridKV")
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--profile")
+    p.add_argument("--query-tokens", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``hybridkv`` command."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
