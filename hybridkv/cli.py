@@ -88,6 +88,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                              "offloaded_kv_bytes", "compression_ratio", "attended_tokens_per_step")}))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Decode speed / memory against context length (see hybridkv.speed)."""
+    from hybridkv.speed import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from hybridkv.evaluation import BUDGETS, METHODS
@@ -124,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default="results/quality")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="decode ms/token, KV bytes and peak memory vs context length, with the roofline")
+    from hybridkv.speed import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="answer one text prompt under one method and print its cache report")
     p.add_argument("--model", required=True, help=known)
