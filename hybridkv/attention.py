@@ -100,11 +100,14 @@ def hybridkv_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` entry point: (1, Hq, Q, D) queries -> (1, Q, Hq, D) output.
+
+    The parameter order is transformers' own (``sdpa_attention_forward``): wrappers such as
+    kvpress's attention patch pass ``dropout`` positionally.
 
     ``key``/``value`` are what the cache layer's ``update`` returned; the layer itself (found
     through the engine attached to ``module``) is the source of truth.

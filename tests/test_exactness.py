@@ -74,3 +74,14 @@ def test_full_kv_manual_loop_matches_plain_manual_loop(model_type, kind):
         tokens, logits = manual_decode(model, inputs, 6)
     assert torch.equal(tokens, ref_tokens)
     assert max((a - b).abs().max().item() for a, b in zip(logits, ref_logits)) < 1e-4
+
+
+def test_exact_with_kvpress_imported():
+    """kvpress wraps every registered attention function at import and passes dropout positionally."""
+    pytest.importorskip("kvpress")
+    from conftest import get_model, make_inputs
+
+    model, inputs = get_model("llama"), make_inputs("text")
+    ref = generate(model, inputs)
+    out = generate(model, inputs, FullKV())
+    assert torch.equal(out.sequences, ref.sequences)

@@ -16,7 +16,7 @@ REFERENCE = "hybridkv_test_masked_reference"
 _DROP: dict[int, torch.Tensor] = {}  # layer_idx -> (Hkv, prompt_len) bool, True = dropped
 
 
-def masked_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def masked_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Eager attention over the full cache with dropped prompt entries masked (batch 1)."""
     _, hq, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
