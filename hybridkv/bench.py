@@ -22,24 +22,27 @@ from transformers import DynamicCache
 from hybridkv.methods.base import Method
 
 
-def timed_decode(model: torch.nn.Module, inputs: dict, new_tokens: int) -> tuple[float, list[float], DynamicCache]:
+def timed_decode(
+    model: torch.nn.Module, inputs: dict, new_tokens: int
+) -> tuple[float, list[float], DynamicCache, list[int]]:
     """Prefill ``inputs`` once, then ``new_tokens`` greedy steps, each timed alone.
 
     Returns:
-        (prefill seconds, per-step decode milliseconds, the cache).
+        (prefill seconds, per-step decode milliseconds, the cache, the generated ids).
     """
     cache = DynamicCache()
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(**inputs, past_key_values=cache, use_cache=True)
         prefill = time.perf_counter() - start
-        steps = []
+        steps, tokens = [], []
         for _ in range(new_tokens):
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
             start = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             steps.append(1000 * (time.perf_counter() - start))
-    return prefill, steps, cache
+    return prefill, steps, cache, tokens
 
 
 def dynamic_cache_bytes(cache: DynamicCache) -> int:
@@ -73,10 +76,10 @@ def measure(
         prefills, steps = [], []
         for _ in range(repeats):
             if method is None:
-                prefill, ms, cache = timed_decode(model, inputs, new_tokens)
+                prefill, ms, cache, _ = timed_decode(model, inputs, new_tokens)
             else:
                 with method.apply(model):
-                    prefill, ms, cache = timed_decode(model, inputs, new_tokens)
+                    prefill, ms, cache, _ = timed_decode(model, inputs, new_tokens)
             prefills.append(prefill)
             steps += ms
         row = {"method": name, "budget": getattr(method, "budget", None), "prompt_tokens": prompt,

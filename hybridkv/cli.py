@@ -88,6 +88,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                              "offloaded_kv_bytes", "compression_ratio", "attended_tokens_per_step")}))
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Full cache vs HybridKV on a multi-image prompt (bundled tiny VLM by default)."""
+    from hybridkv.demo import run_demo
+
+    run_demo(args.model, args.image, args.prompt, args.budget, args.images, args.seed, args.new_tokens, args.out,
+             args.profile)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     """Decode speed / memory against context length (see hybridkv.speed)."""
     from hybridkv.speed import run
@@ -104,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids spin-waiting when cores are shared)")
     sub = parser.add_subparsers(dest="command", required=True)
     known = f"a known name ({', '.join(KNOWN_MODELS)}) or a transformers checkpoint path"
+
+    p = sub.add_parser("demo", help="full cache vs HybridKV side by side on a multi-image prompt (offline default)")
+    p.add_argument("--model", help="a Qwen2.5-VL checkpoint (default: the bundled tiny VLM)")
+    p.add_argument("--image", nargs="+", help="your own image files (default: a generated visual needle task)")
+    p.add_argument("--prompt", help="your own question")
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--images", type=int, default=8, help="images of the generated needle task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--profile", help="head profile JSON (default: the bundled model's, else online)")
+    p.add_argument("--out", default="hybridkv_demo.png", help="kept-token picture")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="classify KV heads static/dynamic (stage 1) -> JSON + PNG heat map")
     p.add_argument("--model", required=True, help=known)
