@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+VISUAL_TASKS = ("visual-needle", "visual-cell_colour", "visual-cell_shape", "visual-count")
 
 
 def _dtype(name: str):
@@ -44,29 +45,37 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Methods x budgets on long-text retrieval (resumable), table + CSV/JSON + PNG."""
+    """Methods x budgets on long-text retrieval or visual questions (resumable), table + CSV/JSON + PNG."""
     from hybridkv import evaluation
-    from hybridkv.bench import write_results
-    from hybridkv.models.loading import load_model
     from hybridkv.profile import HeadProfile
 
-    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    visual = [t for t in args.task if t in VISUAL_TASKS]
+    if visual and len(visual) != len(args.task):
+        raise SystemExit("mix of text and visual tasks: run them as two evals")
+    if visual:
+        from hybridkv.data.visual_eval import visual_tasks
+        from hybridkv.models.tiny_vlm import load_tiny_vlm
+
+        if args.model != "tiny-vlm":
+            raise SystemExit("visual tasks run on the bundled model: --model tiny-vlm")
+        model, tokenizer, processor = load_tiny_vlm()
+        kinds = [t.replace("visual-", "") for t in visual]
+        tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind)
+        title = "visual question accuracy"
+    else:
+        from hybridkv.models.loading import load_model
+
+        model, tokenizer = load_model(args.model, _dtype(args.dtype))
+        kinds = args.task
+        tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
+        title = "retrieval accuracy"
     profile = HeadProfile.load(args.profile) if args.profile else None
-    methods = [m for m in args.methods if profile is not None or m not in evaluation._NEED_PROFILE]
+    methods = [m for m in args.methods if profile is not None or m.split(":")[0] not in evaluation._NEED_PROFILE]
     skipped = sorted(set(args.methods) - set(methods))
     if skipped:
         print(f"no --profile: skipping {', '.join(skipped)}", file=sys.stderr)
-    tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
-    out = Path(args.out)
-    store = evaluation.ResultStore(out.with_suffix(".jsonl"))
-    evaluation.evaluate(model, tokenizer, args.model, tasks, store, methods, args.budgets, args.peers, profile,
-                        args.max_new_tokens)
-    table = evaluation.summarize(store.rows.values(), args.model)
-    write_results(table, out, {"benchmark": "quality", "model": args.model, "tasks": len(tasks)})
-    evaluation.plot(table, out.with_suffix(".png"), title=f"{args.model}: retrieval accuracy ({len(tasks)} prompts)")
-    markdown = evaluation.markdown_table(table)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    print(markdown)
+    evaluation.run_table(model, tokenizer, args.model, tasks, args.out, methods, args.budgets, args.peers, profile,
+                         args.max_new_tokens, title, kinds)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -137,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("eval", help="methods x budgets on long-text retrieval (resumable)")
+    p = sub.add_parser("eval", help="methods x budgets on long-text retrieval or visual questions (resumable)")
     p.add_argument("--model", required=True, help=known)
-    p.add_argument("--task", nargs="+", default=["needle", "multi_key"], choices=["needle", "multi_key"])
+    p.add_argument("--task", nargs="+", default=["needle", "multi_key"], choices=["needle", "multi_key", *VISUAL_TASKS],
+                   help="text tasks (real-weights models) or visual-* tasks (--model tiny-vlm)")
+    p.add_argument("--per-kind", type=int, default=20, help="visual tasks: test questions per task kind")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -15,14 +15,31 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from hybridkv.data.text_tasks import TextTask, answer_correct
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
 from hybridkv.methods import AdaKV, FullKV, H2O, HybridKV, PyramidKV, Quest, SnapKV, SparseMM, StreamingLLM
 from hybridkv.methods.base import Method
 from hybridkv.profile import HeadProfile
+
+
+
+class EvalTask(Protocol):
+    """What :func:`evaluate` needs of a task (``TextTask`` and ``VisualTask`` have it)."""
+
+    key: str
+    kind: str
+    length: int
+    depth: float
+    answer: str
+    query_tokens: int | None
+
+    def inputs(self) -> dict[str, torch.Tensor]: ...
+
+    def is_correct(self, generated: str) -> bool: ...
+
 
 BUDGETS = (0.05, 0.1, 0.2, 0.4)
 METHODS = ("StreamingLLM", "H2O", "SnapKV", "PyramidKV", "AdaKV", "SparseMM", "Quest", "HybridKV", "HybridKV-offline")
@@ -118,12 +135,12 @@ class ResultStore:
             f.write(json.dumps(row) + "\n")
 
 
-def _row(model_name: str, task: TextTask, method: str, budget: float, text: str, agreement: float,
+def _row(model_name: str, task: EvalTask, method: str, budget: float, text: str, agreement: float,
          kl: float | None, report=None) -> dict:
     return {
-        "model": model_name, "task": task.key, "kind": task.task, "length": task.length, "depth": task.depth,
+        "model": model_name, "task": task.key, "kind": task.kind, "length": task.length, "depth": task.depth,
         "method": method, "budget": budget, "answer": task.answer, "output": text,
-        "correct": answer_correct(text, task.answer), "prefix_agreement": round(agreement, 4),
+        "correct": task.is_correct(text), "prefix_agreement": round(agreement, 4),
         "kl": None if kl is None else round(kl, 5),
         "kv_ratio": None if report is None else round(report.compression_ratio, 2),
         "prompt_tokens": int(task.input_ids.shape[1]),
@@ -134,7 +151,7 @@ def evaluate(
     model: torch.nn.Module,
     tokenizer,
     model_name: str,
-    tasks: Iterable[TextTask],
+    tasks: Iterable[EvalTask],
     store: ResultStore,
     methods: Iterable[str] = METHODS,
     budgets: Iterable[float] = BUDGETS,
@@ -183,7 +200,7 @@ def evaluate(
         bar.close()
 
 
-def _kvpress_generate(model, task: TextTask, name: str, budget: float, max_new_tokens: int) -> torch.Tensor:
+def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_tokens: int) -> torch.Tensor:
     """Greedy answer under a kvpress press (its own prefill), (T,) ids."""
     press = kvpress_press(name, budget)
     inputs = task.inputs()
@@ -198,6 +215,35 @@ def _kvpress_generate(model, task: TextTask, name: str, budget: float, max_new_t
     finally:
         config._attn_implementation_internal = saved
     return out[0, inputs["input_ids"].shape[1] :]
+
+
+def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[EvalTask], out: str | Path,
+              methods: Iterable[str] = METHODS, budgets: Iterable[float] = BUDGETS, peers: Iterable[str] = (),
+              profile: HeadProfile | None = None, max_new_tokens: int = 8, title: str = "accuracy",
+              kinds: Iterable[str] | None = None) -> list[dict]:
+    """Evaluate (resuming ``out``.jsonl), then write the summary as CSV/JSON, markdown and PNG.
+
+    ``kinds`` adds one summary per task kind (e.g. single-image vs multi-image) beside the overall one.
+    """
+    from hybridkv.bench import write_results
+
+    out = Path(out)
+    store = ResultStore(out.with_suffix(".jsonl"))
+    evaluate(model, tokenizer, model_name, tasks, store, methods, budgets, peers, profile, max_new_tokens)
+    rows = [r for r in store.rows.values() if r["task"] in {t.key for t in tasks}]
+    table = summarize(rows, model_name)
+    write_results(table, out, {"benchmark": "quality", "model": model_name, "prompts": len(tasks)})
+    plot(table, out.with_suffix(".png"), title=f"{model_name}: {title} ({len(tasks)} prompts)")
+    sections = [f"## {model_name}: {title}, all {len(tasks)} prompts\n\n{markdown_table(table)}"]
+    for kind in kinds or []:
+        part = summarize([r for r in rows if r["kind"] == kind], model_name)
+        if part:
+            sections.append(f"## {kind}\n\n{markdown_table(part)}")
+    sections.append(f"## mean KL to the full cache (teacher-forced)\n\n{markdown_table(table, 'kl')}")
+    markdown = "\n\n".join(sections)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    return table
 
 
 def summarize(rows: Iterable[dict], model_name: str) -> list[dict]:

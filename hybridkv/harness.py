@@ -28,6 +28,8 @@ class PrefillCapture:
         input_ids: (1, L) prompt ids. query_tokens: the question span given to methods.
         layers: per layer (queries (Hq, L, D), keys (Hkv, L, D), values (Hkv, L, D)), after RoPE.
         scaling: attention softmax scale. last_logits: (vocab,) float32 logits of the last prompt position.
+        rope_deltas: Qwen-VL's M-RoPE offset the prefill left on the model (None for text
+            models); :func:`decode` puts it back, since another prompt's prefill overwrites it.
     """
 
     input_ids: torch.Tensor
@@ -35,6 +37,7 @@ class PrefillCapture:
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     scaling: float
     last_logits: torch.Tensor
+    rope_deltas: torch.Tensor | None = None
 
 
 class _Capture(Method):
@@ -57,7 +60,7 @@ def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | No
     with torch.inference_mode(), capture.apply(model, query_tokens=query_tokens):
         out = model(**inputs, past_key_values=DynamicCache(), use_cache=True)
     return PrefillCapture(inputs["input_ids"], query_tokens, capture.layers, capture.scaling,
-                          out.logits[0, -1].float())
+                          out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None))
 
 
 @dataclass
@@ -85,6 +88,8 @@ def decode(model: torch.nn.Module, method: Method, capture: PrefillCapture, max_
     """
     steps = max_new_tokens if forced is None else forced.shape[0]
     logits, tokens = [capture.last_logits], []
+    if capture.rope_deltas is not None:
+        model.model.rope_deltas = capture.rope_deltas
     with torch.inference_mode(), method.apply(model, query_tokens=capture.query_tokens) as engine:
         cache = engine.cache_from_prefill(capture)
         for step in range(steps):

@@ -1,6 +1,5 @@
 """Each method keeps what its definition says, checked against references computed here."""
 
-import torch
 import torch.nn.functional as F
 
 from hybridkv import AdaKV, SnapKV, StreamingLLM

@@ -49,9 +49,18 @@ class TextTask:
         """Stable identifier (for result caching)."""
         return f"{self.task}-L{self.length}-d{self.depth:.2f}-s{self.seed}"
 
+    @property
+    def kind(self) -> str:
+        """Task family (the evaluation table's ``kind`` column)."""
+        return self.task
+
     def inputs(self) -> dict[str, torch.Tensor]:
         """``input_ids`` / ``attention_mask`` for the model."""
         return {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids)}
+
+    def is_correct(self, generated: str) -> bool:
+        """See :func:`answer_correct`."""
+        return answer_correct(generated, self.answer)
 
 
 def corpus_text(directory: Path = TEXT_DIR) -> str:
