@@ -28,14 +28,23 @@ def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[fl
 
 def cmd_profile(args: argparse.Namespace) -> None:
     """Stage 1 on calibration prompts (seeds disjoint from eval's), JSON + PNG heat map."""
-    from hybridkv.models.loading import load_model
     from hybridkv.plots import profile_heatmap
     from hybridkv.profile import profile_heads
 
-    model, tokenizer = load_model(args.model, _dtype(args.dtype))
-    tasks = _text_tasks(tokenizer, ["needle"], [args.length], [(i + 0.5) / args.samples for i in range(args.samples)],
-                        [1000])
-    samples = [{**t.inputs(), "query_tokens": t.query_tokens} for t in tasks]
+    if args.model == "tiny-vlm":  # visual questions of the validation split
+        from hybridkv.data.visual_eval import visual_tasks
+        from hybridkv.models.tiny_vlm import load_tiny_vlm
+
+        model, tokenizer, processor = load_tiny_vlm()
+        tasks = visual_tasks(tokenizer, processor, ["needle", "cell_colour"], (args.samples + 1) // 2, "validation")
+        samples = [t.inputs() for t in tasks]
+    else:
+        from hybridkv.models.loading import load_model
+
+        model, tokenizer = load_model(args.model, _dtype(args.dtype))
+        depths = [(i + 0.5) / args.samples for i in range(args.samples)]
+        samples = [{**t.inputs(), "query_tokens": t.query_tokens}
+                   for t in _text_tasks(tokenizer, ["needle"], [args.length], depths, [1000])]
     profile = profile_heads(model, samples, decode_tokens=args.decode_tokens, threshold=args.threshold,
                             max_dynamic_share=args.max_dynamic_share, progress=True)
     profile.save(args.out)
@@ -135,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="classify KV heads static/dynamic (stage 1) -> JSON + PNG heat map")
-    p.add_argument("--model", required=True, help=known)
+    p.add_argument("--model", required=True, help=f"{known}, or tiny-vlm (the bundled model, visual calibration)")
     p.add_argument("--out", required=True, help="profile JSON path")
     p.add_argument("--png", help="heat map path (default: next to --out)")
     p.add_argument("--samples", type=int, default=4)

@@ -70,9 +70,10 @@ def tiny_model(
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
     vision = dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=hidden_size, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, in_channels=3)
-    start, end, image, video = vision_ids(vocab_size)
-    tokens = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope}
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        start, end, image, video = vision_ids(vocab_size)
+        tokens = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     if model_type == "qwen2_5_vl":
         vision.update(intermediate_size=64, fullatt_block_indexes=[0], window_size=56)
         config = Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)

@@ -1,0 +1,54 @@
+"""The command line on a tiny checkpoint saved in the test (no downloads)."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hybridkv.cli import main
+from hybridkv.models.tiny import tiny_model
+from hybridkv.profile import HeadProfile
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama and a character-level tokenizer saved as a transformers checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.save_pretrained(path)
+    tiny_model("llama", vocab_size=len(vocab)).save_pretrained(path)
+    return path
+
+
+def test_profile_command_writes_json_and_heatmap(checkpoint, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    main(["--threads", "1", "profile", "--model", str(checkpoint), "--out", str(out), "--samples", "2",
+          "--length", "200", "--decode-tokens", "3"])
+    profile = HeadProfile.load(out)
+    assert profile.identity["model_type"] == "llama"
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "KV heads dynamic" in capsys.readouterr().out
+
+
+def test_eval_command_writes_tables_and_resumes(checkpoint, tmp_path):
+    out = tmp_path / "quality"
+    argv = ["--threads", "1", "eval", "--model", str(checkpoint), "--task", "needle", "--lengths", "200",
+            "--depths", "0.5", "--methods", "SnapKV", "HybridKV", "--budgets", "0.2", "--max-new-tokens", "3",
+            "--out", str(out)]
+    main(argv)
+    rows = out.with_suffix(".jsonl").read_text().splitlines()
+    assert len(rows) == 3 and {json.loads(r)["method"] for r in rows} == {"FullKV", "SnapKV", "HybridKV"}
+    assert "| SnapKV |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").exists() and out.with_suffix(".csv").exists()
+    main(argv)  # resumed: nothing new
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 3
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="neither a known model"):
+        main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"])
