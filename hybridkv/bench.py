@@ -111,16 +111,20 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def with_ext(out: str | Path, ext: str) -> Path:
+    """``out`` + ``ext`` (``Path.with_suffix`` would eat ``.5b`` of ``results/quality_qwen2.5-coder-1.5b``)."""
+    return Path(f"{out}{ext}")
+
+
 def write_results(rows: list[dict], out: str | Path, meta: dict) -> None:
     """Write ``out``.csv and ``out``.json (rows plus ``meta`` and :func:`machine`)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with open(with_ext(out, ".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps({"meta": {**meta, **machine()}, "rows": rows}, indent=2))
+    with_ext(out, ".json").write_text(json.dumps({"meta": {**meta, **machine()}, "rows": rows}, indent=2))
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

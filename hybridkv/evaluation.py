@@ -225,15 +225,14 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
 
     ``kinds`` adds one summary per task kind (e.g. single-image vs multi-image) beside the overall one.
     """
-    from hybridkv.bench import write_results
+    from hybridkv.bench import with_ext, write_results
 
-    out = Path(out)
-    store = ResultStore(out.with_suffix(".jsonl"))
+    store = ResultStore(with_ext(out, ".jsonl"))
     evaluate(model, tokenizer, model_name, tasks, store, methods, budgets, peers, profile, max_new_tokens)
     rows = [r for r in store.rows.values() if r["task"] in {t.key for t in tasks}]
     table = summarize(rows, model_name)
     write_results(table, out, {"benchmark": "quality", "model": model_name, "prompts": len(tasks)})
-    plot(table, out.with_suffix(".png"), title=f"{model_name}: {title} ({len(tasks)} prompts)")
+    plot(table, with_ext(out, ".png"), title=f"{model_name}: {title} ({len(tasks)} prompts)")
     sections = [f"## {model_name}: {title}, all {len(tasks)} prompts\n\n{markdown_table(table)}"]
     for kind in kinds or []:
         part = summarize([r for r in rows if r["kind"] == kind], model_name)
@@ -241,7 +240,7 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
             sections.append(f"## {kind}\n\n{markdown_table(part)}")
     sections.append(f"## mean KL to the full cache (teacher-forced)\n\n{markdown_table(table, 'kl')}")
     markdown = "\n\n".join(sections)
-    out.with_suffix(".md").write_text(markdown + "\n")
+    with_ext(out, ".md").write_text(markdown + "\n")
     print(markdown)
     return table
 
