@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hybridkv import AdaKV, FullKV, HybridKV, SnapKV  # noqa: E402
-from hybridkv.bench import measure, print_table, write_results  # noqa: E402
-from hybridkv.models.tiny import tiny_model, visual_inputs  # noqa: E402
+from hybridkv.bench import (TINY_VL_DESCRIPTION, add_tiny_vl_arguments, measure, print_table,  # noqa: E402
+                            tiny_vl_setting, write_results)
 
 BUDGETS = (0.05, 0.1, 0.2)
 COLUMNS = ["method", "resident_kv_bytes", "offloaded_kv_bytes", "x_less_kv", "attended_tokens_per_step", "prefill_s",
@@ -46,16 +46,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--grid", type=int, default=64, help="patches per image side (grid^2/4 tokens per image)")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="results/memory_speed")
+    add_tiny_vl_arguments(parser, "results/memory_speed")
     args = parser.parse_args()
-
-    vocab = 2048
-    model = tiny_model("qwen2_5_vl", hidden_size=512, layers=4, heads=8, kv_heads=4, vocab_size=vocab)
-    inputs = visual_inputs(images=args.images, grid=args.grid, vocab_size=vocab)
+    model, inputs = tiny_vl_setting(args.images, args.grid)
     methods = {"FullKV": FullKV()}
     for budget in BUDGETS:
         methods[f"SnapKV@{budget}"] = SnapKV(budget)
@@ -64,7 +57,7 @@ def main() -> None:
         methods[f"HybridKV-host@{budget}"] = HybridKV(budget, store="host")
     rows = measure(model, inputs, methods, args.new_tokens, args.repeats, on_row=print)
     write_results(rows, args.out, {"benchmark": "memory_speed", "repeats": args.repeats,
-                                   "model": "tiny qwen2_5_vl 4 layers x 512, 8 heads, 4 kv heads, vocab 2048"})
+                                   "model": TINY_VL_DESCRIPTION})
     plot(rows, f"{args.out}.png")
     print_table(rows, COLUMNS)
 

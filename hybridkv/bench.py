@@ -50,9 +50,12 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
     return sum(l.keys.untyped_storage().nbytes() + l.values.untyped_storage().nbytes() for l in cache.layers)
 
 
-def padded_layout_bytes(head_budgets: list[list[int]], head_dim: int, element: int) -> int:
-    """Bytes a padded per-head layout would hold: per layer, kv_heads x the longest head (K and V)."""
-    return sum(len(heads) * max(heads) * head_dim * 2 * element for heads in head_budgets)
+def prompt_kv_bytes(head_budgets: list[list[int]], head_dim: int, element: int) -> tuple[int, int]:
+    """Prompt K and V bytes of the kept entries in the flat layout (their sum over heads) and in a
+    padded per-head layout (per layer, kv_heads x the longest head)."""
+    flat = sum(sum(heads) for heads in head_budgets) * head_dim * 2 * element
+    padded = sum(len(heads) * max(heads) for heads in head_budgets) * head_dim * 2 * element
+    return flat, padded
 
 
 def measure(
@@ -67,7 +70,7 @@ def measure(
 
     Returns:
         One row per method: bytes held (resident, offloaded), the DynamicCache's bytes,
-        padded-layout bytes, attended tokens per step, median prefill seconds and decode
+        the kept prompt KV in the flat and in a padded layout, attended tokens per step, median prefill seconds and decode
         ms/token, and the ratio of full to held bytes.
     """
     rows = []
@@ -86,14 +89,14 @@ def measure(
                "new_tokens": new_tokens}
         if method is None:
             held = dynamic_cache_bytes(cache)
-            row.update(resident_kv_bytes=held, offloaded_kv_bytes=0, full_kv_bytes=held, padded_layout_bytes=held,
+            row.update(resident_kv_bytes=held, offloaded_kv_bytes=0, full_kv_bytes=held,
                        attended_tokens_per_step=cache.get_seq_length())
         else:
             report = method.report
             layer = cache.layers[0]
+            flat, padded = prompt_kv_bytes(report.head_budgets, layer.head_dim, layer.dtype.itemsize)
             row.update(resident_kv_bytes=report.resident_kv_bytes, offloaded_kv_bytes=report.offloaded_kv_bytes,
-                       full_kv_bytes=report.full_kv_bytes,
-                       padded_layout_bytes=padded_layout_bytes(report.head_budgets, layer.head_dim, layer.dtype.itemsize),
+                       full_kv_bytes=report.full_kv_bytes, prompt_kv_flat_bytes=flat, prompt_kv_padded_bytes=padded,
                        attended_tokens_per_step=round(report.attended_tokens_per_step, 1))
         row["x_less_kv"] = round(row["full_kv_bytes"] / (row["resident_kv_bytes"] + row["offloaded_kv_bytes"]), 2)
         row["prefill_s"] = round(statistics.median(prefills), 3)
@@ -102,6 +105,28 @@ def measure(
         if on_row is not None:
             on_row(row)
     return rows
+
+
+TINY_VL_VOCAB = 2048
+TINY_VL_DESCRIPTION = "tiny random qwen2_5_vl: 4 layers x 512, 8 heads, 4 kv heads, vocab 2048"
+
+
+def add_tiny_vl_arguments(parser, out: str) -> None:
+    """Options of the benchmarks that run one multi-image prompt on the tiny KV-bound Qwen2.5-VL."""
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=64, help="patches per image side (grid^2/4 tokens per image)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=out)
+
+
+def tiny_vl_setting(images: int, grid: int) -> tuple[torch.nn.Module, dict]:
+    """The tiny Qwen2.5-VL with a small vocabulary (the KV cache, not the output layer, dominates
+    decoding) and a prompt of ``images`` random images of ``grid^2 / 4`` visual tokens each."""
+    from hybridkv.models.tiny import tiny_model, visual_inputs
+
+    model = tiny_model("qwen2_5_vl", hidden_size=512, layers=4, heads=8, kv_heads=4, vocab_size=TINY_VL_VOCAB)
+    return model, visual_inputs(images=images, grid=grid, vocab_size=TINY_VL_VOCAB)
 
 
 def machine() -> dict:
