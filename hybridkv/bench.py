@@ -47,7 +47,7 @@ def timed_decode(
 
 def dynamic_cache_bytes(cache: DynamicCache) -> int:
     """Bytes of keys and values a plain DynamicCache holds."""
-    return sum(l.keys.untyped_storage().nbytes() + l.values.untyped_storage().nbytes() for l in cache.layers)
+    return sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in cache.layers)
 
 
 def prompt_kv_bytes(head_budgets: list[list[int]], head_dim: int, element: int) -> tuple[int, int]:

@@ -93,8 +93,8 @@ def pick_heads(report) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """(layer, head) of one static and one dynamic head, from the middle layers outwards."""
     types = report.head_types
     order = sorted(range(len(types)), key=lambda i: abs(i - len(types) // 2))
-    static = next(((l, h) for l in order for h, t in enumerate(types[l]) if t == "static"), None)
-    dynamic = next(((l, h) for l in order for h, t in enumerate(types[l]) if t == "dynamic"), None)
+    static = next(((i, h) for i in order for h, t in enumerate(types[i]) if t == "static"), None)
+    dynamic = next(((i, h) for i in order for h, t in enumerate(types[i]) if t == "dynamic"), None)
     return static, dynamic
 
 

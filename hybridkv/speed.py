@@ -23,7 +23,7 @@ import psutil
 import torch
 from transformers import DynamicCache
 
-from hybridkv.bench import print_table, write_results
+from hybridkv.bench import dynamic_cache_bytes, print_table, write_results
 from hybridkv.harness import PrefillCapture
 from hybridkv.methods import AdaKV, FullKV, HybridKV, Quest, SnapKV
 from hybridkv.methods.base import Method
@@ -195,7 +195,7 @@ def kvpress_row(model, tokenizer, context: int, budget: float, steps: int) -> di
             start = time.perf_counter()
             model(input_ids=token, past_key_values=cache, use_cache=True)
             times.append(1000 * (time.perf_counter() - start))
-    held = sum(l.keys.untyped_storage().nbytes() + l.values.untyped_storage().nbytes() for l in cache.layers)
+    held = dynamic_cache_bytes(cache)
     times = sorted(times[2:])
     return {"phase": "decode", "method": f"kvpress:SnapKV@{budget}", "budget": budget, "context": task.input_ids.shape[1],
             "decode_ms_per_token": round(times[len(times) // 2], 2), "kv_bytes_held": held,

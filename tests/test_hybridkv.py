@@ -180,8 +180,8 @@ def test_ten_percent_budget_holds_nine_times_less_in_all_tiers():
     model = tiny_model("qwen2_5_vl", hidden_size=256, heads=4, kv_heads=2, layers=2, seed=2)  # head_dim 64
     inputs = visual_inputs(images=4, grid=32, seed=3)  # 1024 visual tokens, 1050 in all
     ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    full = sum(l.keys.untyped_storage().nbytes() + l.values.untyped_storage().nbytes()
-               for l in ref.past_key_values.layers)
+    full = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+               for layer in ref.past_key_values.layers)
     for store in ("device", "host"):
         method = HybridKV(0.1, store=store, threshold=1.1)
         with method.apply(model):
