@@ -39,9 +39,15 @@ class DemoRun:
 def load_demo_model(model_path: str | None):
     """(model, tokenizer, image_processor, chat_prefix): the bundled VLM, or a Qwen2.5-VL checkpoint."""
     if model_path is None:
-        from hybridkv.models.tiny_vlm import load_tiny_vlm
+        try:
+            from hybridkv.models.tiny_vlm import load_tiny_vlm
 
-        return (*load_tiny_vlm(), "")
+            return (*load_tiny_vlm(), "")
+        except (ImportError, OSError) as error:
+            raise SystemExit(
+                f"the bundled tiny VLM is not available in this install ({error}); "
+                "run the demo on a Qwen2.5-VL checkpoint: hybridkv demo --model PATH"
+            ) from error
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_path, attn_implementation="sdpa").eval()
