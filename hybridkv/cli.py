@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``hybridkv`` command."""
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # weight-loading bars drown the command's own output
     if args.threads:
         import torch
 

@@ -143,7 +143,7 @@ def _row(model_name: str, task: EvalTask, method: str, budget: float, text: str,
         "correct": task.is_correct(text), "prefix_agreement": round(agreement, 4),
         "kl": None if kl is None else round(kl, 5),
         "kv_ratio": None if report is None else round(report.compression_ratio, 2),
-        "prompt_tokens": int(task.input_ids.shape[1]),
+        "prompt_tokens": int(task.inputs()["input_ids"].shape[1]),
     }
 
 
