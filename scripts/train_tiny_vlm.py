@@ -50,10 +50,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    apply_multimodal_rotary_pos_emb,
+)
 from transformers.utils import logging as hf_logging
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
-from hybridkv.data.visual_tasks import COLOURS, NEEDLE_SHAPE, SHAPES, SINGLE_IMAGE_TASKS, SPLITS, Sample, TaskConfig, make_sample, split_seeds
+from hybridkv.data.visual_tasks import (
+    COLOURS,
+    NEEDLE_SHAPE,
+    SHAPES,
+    SINGLE_IMAGE_TASKS,
+    SPLITS,
+    Sample,
+    TaskConfig,
+    make_sample,
+    split_seeds,
+)
 from hybridkv.models.tiny_vlm import (
     ASSET_DIR,
     TinyVLMSize,
@@ -92,7 +104,11 @@ CURRICULUM: tuple[Phase, ...] = (
     Phase(0.30, 2, 4, 4),
     Phase(1.00, 1, 7, 8),
 )
-SINGLE_TASK_WEIGHTS: dict[str, float] = {"cell_colour": 0.4, "cell_shape": 0.4, "count": 0.2}
+SINGLE_TASK_WEIGHTS: dict[str, float] = {
+    "cell_colour": 0.4,
+    "cell_shape": 0.4,
+    "count": 0.2,
+}
 NEEDLE_SHARE = 0.25
 """Fraction of steps that train on needle (multi-image) batches."""
 
@@ -105,16 +121,46 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="single-image samples per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--attn-weight", type=float, default=0.5, help="weight of each attention-supervision loss")
-    p.add_argument("--probe-weight", type=float, default=0.5, help="weight of the vision-tower cell-probe loss")
-    p.add_argument("--question-layer", type=int, default=1, help="layer whose last position should read the key words")
-    p.add_argument("--region-layer", type=int, default=2, help="layer whose last position should read the answer cell")
+    p.add_argument(
+        "--attn-weight",
+        type=float,
+        default=0.5,
+        help="weight of each attention-supervision loss",
+    )
+    p.add_argument(
+        "--probe-weight",
+        type=float,
+        default=0.5,
+        help="weight of the vision-tower cell-probe loss",
+    )
+    p.add_argument(
+        "--question-layer",
+        type=int,
+        default=1,
+        help="layer whose last position should read the key words",
+    )
+    p.add_argument(
+        "--region-layer",
+        type=int,
+        default=2,
+        help="layer whose last position should read the answer cell",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (more only on an idle machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (more only on an idle machine)",
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--test-size", type=int, default=250, help="test samples per single-image task")
-    p.add_argument("--needle-test-size", type=int, default=100, help="test samples per haystack size")
+    p.add_argument(
+        "--needle-test-size",
+        type=int,
+        default=100,
+        help="test samples per haystack size",
+    )
     return p.parse_args()
 
 
@@ -291,7 +337,12 @@ def first_token_accuracy(model, tokenizer, processor, samples: list[Sample], bat
     correct = 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        inputs = build_inputs(tokenizer, processor, [s.images() for s in chunk], [s.question for s in chunk])
+        inputs = build_inputs(
+            tokenizer,
+            processor,
+            [s.images() for s in chunk],
+            [s.question for s in chunk],
+        )
         predicted = tokenizer.convert_ids_to_tokens(model(**inputs).logits[:, -1].argmax(-1).tolist())
         correct += sum(p == s.answer for p, s in zip(predicted, chunk))
     return correct / len(samples)
@@ -303,7 +354,12 @@ def generate_answers(model, tokenizer, processor, samples: list[Sample], batch_s
     answers = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        inputs = build_inputs(tokenizer, processor, [s.images() for s in chunk], [s.question for s in chunk])
+        inputs = build_inputs(
+            tokenizer,
+            processor,
+            [s.images() for s in chunk],
+            [s.question for s in chunk],
+        )
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
@@ -344,7 +400,10 @@ def test_report(model, tokenizer, processor, args: argparse.Namespace, config: T
         answers = generate_answers(model, tokenizer, processor, samples, batch_size=max(1, 64 // n))
         report[f"needle_{n}_images"] = sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
     base = [make_sample("cell_colour", seed, config) for seed in split_seeds("test", args.test_size)]
-    for name, target_only in (("counterfactual_target_repainted", True), ("counterfactual_others_repainted", False)):
+    for name, target_only in (
+        ("counterfactual_target_repainted", True),
+        ("counterfactual_others_repainted", False),
+    ):
         changed = [recoloured(s, target_only)[0] for s in base]
         answers = generate_answers(model, tokenizer, processor, changed)
         report[name] = sum(a == s.answer for a, s in zip(answers, changed)) / len(changed)
@@ -361,7 +420,10 @@ def main() -> None:
     size = TinyVLMSize()
     model = build_tiny_vlm(tokenizer, size, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tiny VLM: {n_params / 1e6:.2f}M parameters, {args.steps} steps, {args.threads} threads", flush=True)
+    print(
+        f"tiny VLM: {n_params / 1e6:.2f}M parameters, {args.steps} steps, {args.threads} threads",
+        flush=True,
+    )
     image_token_id = model.config.image_token_id
     layers = model.model.language_model.layers
     question_probe = FinalTokenAttention(layers[args.question_layer].self_attn)
@@ -385,11 +447,18 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * scale
         batch = build_inputs(
-            tokenizer, processor, [s.images() for s in samples], [s.question for s in samples], [s.answer for s in samples]
+            tokenizer,
+            processor,
+            [s.images() for s in samples],
+            [s.question for s in samples],
+            [s.answer for s in samples],
         )
         question_probe.attention_mask = region_probe.attention_mask = batch["attention_mask"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            losses = {"answer_loss": model(**batch).loss, "cell_probe_loss": cell_probe.loss(samples)}
+            losses = {
+                "answer_loss": model(**batch).loss,
+                "cell_probe_loss": cell_probe.loss(samples),
+            }
             rows = list(zip(samples, batch["input_ids"]))
             question_targets = [key_word_positions(s, ids, tokenizer) for s, ids in rows]
             region_targets = [target_positions(s, ids, image_token_id) for s, ids in rows]
@@ -405,11 +474,20 @@ def main() -> None:
             if value is not None:
                 running[key] = value.item() if key not in running else 0.98 * running[key] + 0.02 * value.item()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            entry = {"step": step + 1, "minutes": (time.time() - started) / 60, **running}
-            entry.update({f"val_{k}": first_token_accuracy(model, tokenizer, processor, v) for k, v in validation.items()})
+            entry = {
+                "step": step + 1,
+                "minutes": (time.time() - started) / 60,
+                **running,
+            }
+            entry.update(
+                {f"val_{k}": first_token_accuracy(model, tokenizer, processor, v) for k, v in validation.items()}
+            )
             model.train()
             log.append(entry)
-            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
+            print(
+                " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()),
+                flush=True,
+            )
     train_minutes = (time.time() - started) / 60
     for hook_owner in (question_probe, region_probe, cell_probe):
         hook_owner.handle.remove()

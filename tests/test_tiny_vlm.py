@@ -49,8 +49,11 @@ def test_prompt_layout(bundled) -> None:
     assert int((ids == model.config.image_token_id).sum()) == 36
     text = tok.decode(ids)
     assert text.replace(" ", "") == (
-        "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * 36 + "<|vision_end|>"
-        + sample.question.replace(" ", "") + "<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\n<|vision_start|>"
+        + "<|image_pad|>" * 36
+        + "<|vision_end|>"
+        + sample.question.replace(" ", "")
+        + "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tok.unk_token_id not in ids.tolist()
 
@@ -102,13 +105,16 @@ def test_answer_follows_the_named_cell(bundled) -> None:
         target_repainted = replace(
             scene,
             items=tuple(
-                replace(it, colour=new, rgb=COLOURS[new]) if (it.row, it.col) == (row, col) else it for it in scene.items
+                replace(it, colour=new, rgb=COLOURS[new]) if (it.row, it.col) == (row, col) else it
+                for it in scene.items
             ),
         )
         others_repainted = replace(
             scene,
             items=tuple(
-                it if (it.row, it.col) == (row, col) else replace(it, rgb=COLOURS[names[(names.index(it.colour) + 1) % 4]])
+                it
+                if (it.row, it.col) == (row, col)
+                else replace(it, rgb=COLOURS[names[(names.index(it.colour) + 1) % 4]])
                 for it in scene.items
             ),
         )

@@ -114,4 +114,3 @@ def test_cell_tints_are_distinct_and_unlike_shape_colours() -> None:
     for tint in tints:
         for rgb in COLOURS.values():
             assert sum((a - b) ** 2 for a, b in zip(tint, rgb)) ** 0.5 > 60
-

@@ -56,7 +56,7 @@ SINGLE_IMAGE_TASKS: tuple[str, ...] = ("cell_colour", "cell_shape", "count")
 """Tasks whose samples hold exactly one image."""
 
 SPLITS: dict[str, range] = {
-    "train": range(0, 100_000_000),
+    "train": range(100_000_000),
     "validation": range(100_000_000, 100_100_000),
     "test": range(200_000_000, 200_100_000),
 }
@@ -121,11 +121,6 @@ class TaskConfig:
         if not 1 <= self.min_images <= self.max_images:
             raise ValueError(f"need 1 <= min_images <= max_images, got {self}")
 
-    @property
-    def cell_size(self) -> float:
-        """Side of one cell in pixels."""
-        return self.image_size / self.grid
-
 
 @dataclass(frozen=True)
 class Item:
@@ -182,7 +177,12 @@ class Scene:
     def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Pixel box ``(left, top, right, bottom)`` (right/bottom exclusive) of a cell."""
         cell = self.image_size / self.grid
-        return (round(col * cell), round(row * cell), round((col + 1) * cell), round((row + 1) * cell))
+        return (
+            round(col * cell),
+            round(row * cell),
+            round((col + 1) * cell),
+            round((row + 1) * cell),
+        )
 
     def render(self) -> Image.Image:
         """Draw the scene: an RGB image of ``image_size x image_size`` pixels."""
@@ -192,7 +192,10 @@ class Scene:
         for row in range(self.grid):
             for col in range(self.grid):
                 left, top, right, bottom = self.cell_box(row, col)
-                draw.rectangle([left, top, right - 1, bottom - 1], fill=cell_background(row, col, self.grid))
+                draw.rectangle(
+                    [left, top, right - 1, bottom - 1],
+                    fill=cell_background(row, col, self.grid),
+                )
         for k in range(1, self.grid):
             p = round(k * cell)
             draw.line([(p, 0), (p, self.image_size - 1)], fill=GRID_LINE, width=1)
@@ -261,7 +264,12 @@ def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
     return sorted(words)
 
 
-def make_sample(task: str, seed: int, config: TaskConfig = TaskConfig(), num_images: int | None = None) -> Sample:
+def make_sample(
+    task: str,
+    seed: int,
+    config: TaskConfig = TaskConfig(),
+    num_images: int | None = None,
+) -> Sample:
     """Generate the sample of ``task`` for ``seed`` (deterministic in ``task``, ``seed``, ``config``).
 
     Args:
@@ -318,7 +326,16 @@ def _random_item(rng: random.Random, row: int, col: int, shape: str) -> Item:
     rgb = tuple(min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[colour])
     scale = rng.uniform(0.6, 0.8)
     slack = (1.0 - scale) / 2 - 0.04
-    return Item(row, col, colour, shape, rgb, scale, rng.uniform(-slack, slack), rng.uniform(-slack, slack))
+    return Item(
+        row,
+        col,
+        colour,
+        shape,
+        rgb,
+        scale,
+        rng.uniform(-slack, slack),
+        rng.uniform(-slack, slack),
+    )
 
 
 def _random_scene(rng: random.Random, config: TaskConfig) -> Scene:
@@ -341,10 +358,24 @@ def _make_needle(rng: random.Random, seed: int, config: TaskConfig, num_images: 
     row, col = items[k].row, items[k].col
     items[k] = _random_item(rng, row, col, NEEDLE_SHAPE)
     scenes[index] = Scene(config.grid, config.image_size, tuple(items))
-    return Sample("needle", seed, tuple(scenes), QUESTION_TEMPLATES["needle"], items[k].colour, (index, row, col))
+    return Sample(
+        "needle",
+        seed,
+        tuple(scenes),
+        QUESTION_TEMPLATES["needle"],
+        items[k].colour,
+        (index, row, col),
+    )
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    rgb: tuple[int, int, int],
+) -> None:
     """Fill ``shape`` of half-size ``r`` pixels centred at (cx, cy); the centre pixel is always filled."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)

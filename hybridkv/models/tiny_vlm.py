@@ -54,7 +54,16 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
-SPECIAL_TOKENS: tuple[str, ...] = (UNK_TOKEN, PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+SPECIAL_TOKENS: tuple[str, ...] = (
+    UNK_TOKEN,
+    PAD_TOKEN,
+    IM_START,
+    IM_END,
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
 """Special tokens, with ids 0..7 in this order."""
 
 CHAT_WORDS: tuple[str, ...] = ("\n", "user", "assistant")
@@ -282,7 +291,9 @@ def build_inputs(
 
 
 def _answer_labels(
-    tokenizer: PreTrainedTokenizerFast, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    tokenizer: PreTrainedTokenizerFast,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Labels (B, L): the tokens after the last ``<|im_start|>assistant\\n`` of each row, -100 elsewhere."""
     labels = torch.full_like(input_ids, IGNORE_INDEX)
@@ -373,7 +384,9 @@ def save_tiny_vlm(
 
 
 def load_tiny_vlm(
-    path: str | Path = ASSET_DIR, dtype: torch.dtype = torch.float32, verify: bool = True
+    path: str | Path = ASSET_DIR,
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessor]:
     """Load the bundled (or any saved) tiny VLM offline, in eval mode.
 
@@ -402,8 +415,8 @@ def load_tiny_vlm(
 
 __all__ = [
     "ASSET_DIR",
-    "AssetChecksumError",
     "SPECIAL_TOKENS",
+    "AssetChecksumError",
     "TinyVLMSize",
     "answer",
     "build_image_processor",
