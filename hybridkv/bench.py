@@ -23,17 +23,27 @@ from hybridkv.methods.base import Method
 
 
 def timed_decode(
-    model: torch.nn.Module, inputs: dict, new_tokens: int
+    model: torch.nn.Module, inputs: dict, new_tokens: int, tail_tokens: int = 0
 ) -> tuple[float, list[float], DynamicCache, list[int]]:
     """Prefill ``inputs`` once, then ``new_tokens`` greedy steps, each timed alone.
+
+    Args:
+        tail_tokens: trailing prompt tokens fed in one forward after the (compressed) prefill
+            of the rest, so the first generated token reads the compressed cache; the prefill
+            time includes them.
 
     Returns:
         (prefill seconds, per-step decode milliseconds, the cache, the generated ids).
     """
+    from hybridkv.harness import split_tail
+
+    prefix, tail = split_tail(model, inputs, tail_tokens)
     cache = DynamicCache()
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**prefix, past_key_values=cache, use_cache=True)
+        if tail is not None:
+            out = model(input_ids=tail[None], past_key_values=cache, use_cache=True)
         prefill = time.perf_counter() - start
         steps, tokens = [], []
         for _ in range(new_tokens):

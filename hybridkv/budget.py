@@ -24,6 +24,10 @@ class Allocation:
     total: int
 
 
+class BudgetTooSmallError(ValueError):
+    """The budget cannot hold the tokens every head must keep (sinks, prompt text, recent window)."""
+
+
 def waterfill(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """Split ``total`` integer units proportionally to ``weights`` without exceeding ``caps``.
 
@@ -85,12 +89,12 @@ def allocate(
     Returns:
         :class:`Allocation` with ``head_budgets`` (layers, kv_heads), ``protected <= b <= L``.
     Raises:
-        ValueError: when ``total`` cannot cover every head's protected slots.
+        BudgetTooSmallError: when ``total`` cannot cover every head's protected slots.
     """
     layers, heads = head_importance.shape
     protected = min(protected, prompt_len)
     if total < protected * layers * heads:
-        raise ValueError(
+        raise BudgetTooSmallError(
             f"the budget ({total / (layers * heads):.1f} tokens per head) is below the {protected} tokens every head "
             "must keep (sinks + prompt text + recent window): raise the budget or shorten the prompt's text."
         )

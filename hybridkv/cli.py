@@ -69,8 +69,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise SystemExit("visual tasks run on the bundled model: --model tiny-vlm")
         model, tokenizer, processor = load_tiny_vlm()
         kinds = [t.replace("visual-", "") for t in visual]
-        tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind)
-        title = "visual question accuracy"
+        tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, num_images=args.images or None,
+                             protocol=args.protocol)
+        kinds = list(dict.fromkeys(t.kind for t in tasks))
+        kinds += ["needle-*"] if sum(k.startswith("needle-") for k in kinds) > 1 else []
+        title = f"visual question accuracy ({args.protocol})"
     else:
         from hybridkv.models.loading import load_model
 
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", help="your own image files (default: a generated visual needle task)")
     p.add_argument("--prompt", help="your own question")
     p.add_argument("--budget", type=float, default=0.1)
-    p.add_argument("--images", type=int, default=8, help="images of the generated needle task")
+    p.add_argument("--images", type=int, default=16, help="images of the generated needle task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--profile", help="head profile JSON (default: the bundled model's, else online)")
@@ -160,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", default=["needle", "multi_key"], choices=["needle", "multi_key", *VISUAL_TASKS],
                    help="text tasks (real-weights models) or visual-* tasks (--model tiny-vlm)")
     p.add_argument("--per-kind", type=int, default=20, help="visual tasks: test questions per task kind")
+    p.add_argument("--images", nargs="+", type=int, help="visual-needle: images per prompt, one set of tasks "
+                   "per count (default: drawn per question, 4-16)")
+    p.add_argument("--protocol", default="answer-after", choices=["answer-after", "question-after"],
+                   help="visual tasks: what is fed after compression (answer-after: the assistant header, the "
+                   "question is compressed as the text prior; question-after: question and header, images only "
+                   "are compressed)")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -1,9 +1,11 @@
-"""Quality evaluation: methods x budgets on long-text retrieval tasks, with kvpress side by side.
+"""Quality evaluation: methods x budgets on long-text retrieval and visual question tasks, with kvpress side by side.
 
 For every prompt the full prefill runs once (:func:`hybridkv.harness.capture_prefill`); each
 hybridkv method then builds its compressed cache from the capture and decodes greedily
 (accuracy, exact-prefix agreement with the full cache's answer) and teacher-forced along the
-full cache's answer (mean KL of the next-token distributions). kvpress presses (a benchmark
+full cache's answer (mean KL of the next-token distributions). A task whose ``tail_tokens`` is
+non-zero has its last tokens fed after compression (:func:`hybridkv.harness.capture_prefill`),
+so that even a one-word answer is read from the compressed cache. kvpress presses (a benchmark
 extra) run their own prefill through ``model.generate`` on the same prompts, model and
 transformers. Every result is appended to a JSONL file as soon as it exists, keyed by
 (model, task, method, budget): a rerun skips what is there (resumable).
@@ -19,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from hybridkv.budget import BudgetTooSmallError
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
 from hybridkv.methods import AdaKV, FullKV, H2O, HybridKV, PyramidKV, Quest, SnapKV, SparseMM, StreamingLLM
 from hybridkv.methods.base import Method
@@ -35,6 +38,7 @@ class EvalTask(Protocol):
     depth: float
     answer: str
     query_tokens: int | None
+    tail_tokens: int
 
     def inputs(self) -> dict[str, torch.Tensor]: ...
 
@@ -143,7 +147,7 @@ def _row(model_name: str, task: EvalTask, method: str, budget: float, text: str,
         "correct": task.is_correct(text), "prefix_agreement": round(agreement, 4),
         "kl": None if kl is None else round(kl, 5),
         "kv_ratio": None if report is None else round(report.compression_ratio, 2),
-        "prompt_tokens": int(task.inputs()["input_ids"].shape[1]),
+        "prompt_tokens": int(task.inputs()["input_ids"].shape[1]), "tail_tokens": task.tail_tokens,
     }
 
 
@@ -162,6 +166,9 @@ def evaluate(
 ) -> None:
     """Run every (task, method, budget) not yet in ``store`` and append its row."""
     methods, budgets, peers, tasks = list(methods), list(budgets), list(peers), list(tasks)
+    if peers and any(task.tail_tokens for task in tasks):
+        raise ValueError("kvpress peers run their own prefill of the whole prompt; they cannot feed a tail after "
+                         "compression. Evaluate tasks with a tail (visual protocols) without --peers.")
     stop = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
     bar = None
     if progress:
@@ -175,14 +182,20 @@ def evaluate(
             bar.update(1 + (len(methods) + len(peers)) * len(budgets) - len(todo) - len(todo_peers))
         if not todo and not todo_peers and (model_name, task.key, "FullKV", 1.0) in store:
             continue
-        capture = capture_prefill(model, task.inputs(), query_tokens=task.query_tokens)
+        capture = capture_prefill(model, task.inputs(), query_tokens=task.query_tokens, tail_tokens=task.tail_tokens)
         full = decode(model, FullKV(), capture, max_new_tokens, stop_ids=stop)
         full_text = tokenizer.decode(full.tokens, skip_special_tokens=True)
         if (model_name, task.key, "FullKV", 1.0) not in store:
             store.add(_row(model_name, task, "FullKV", 1.0, full_text, 1.0, 0.0, full.report))
         for name, budget in todo:
             method = make_method(name, budget, profile)
-            greedy = decode(model, method, capture, max_new_tokens, stop_ids=stop)
+            try:
+                greedy = decode(model, method, capture, max_new_tokens, stop_ids=stop)
+            except BudgetTooSmallError:  # recorded, so the table says n/a instead of a number
+                store.add({**_row(model_name, task, name, budget, "", 0.0, None), "correct": None, "infeasible": True})
+                if bar is not None:
+                    bar.update(1)
+                continue
             forced = decode(model, make_method(name, budget, profile), capture, max_new_tokens, forced=full.tokens)
             text = tokenizer.decode(greedy.tokens, skip_special_tokens=True)
             store.add(_row(model_name, task, name, budget, text, prefix_agreement(greedy.tokens, full.tokens),
@@ -223,7 +236,8 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
               kinds: Iterable[str] | None = None) -> list[dict]:
     """Evaluate (resuming ``out``.jsonl), then write the summary as CSV/JSON, markdown and PNG.
 
-    ``kinds`` adds one summary per task kind (e.g. single-image vs multi-image) beside the overall one.
+    ``kinds`` adds one summary per task kind (e.g. single-image vs multi-image) beside the overall
+    one; a kind ending in ``*`` groups every kind with that prefix (``needle-*``).
     """
     from hybridkv.bench import with_ext, write_results
 
@@ -235,7 +249,8 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
     plot(table, with_ext(out, ".png"), title=f"{model_name}: {title} ({len(tasks)} prompts)")
     sections = [f"## {model_name}: {title}, all {len(tasks)} prompts\n\n{markdown_table(table)}"]
     for kind in kinds or []:
-        part = summarize([r for r in rows if r["kind"] == kind], model_name)
+        match = (lambda k, kind=kind: k.startswith(kind[:-1])) if kind.endswith("*") else (lambda k, kind=kind: k == kind)
+        part = summarize([r for r in rows if match(r["kind"])], model_name)
         if part:
             sections.append(f"## {kind}\n\n{markdown_table(part)}")
     sections.append(f"## mean KL to the full cache (teacher-forced)\n\n{markdown_table(table, 'kl')}")
@@ -246,19 +261,28 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
 
 
 def summarize(rows: Iterable[dict], model_name: str) -> list[dict]:
-    """Per (method, budget) of one model: prompts, accuracy %, mean prefix agreement, mean KL."""
+    """Per (method, budget) of one model: prompts, accuracy %, mean prefix agreement, mean KL, mean
+    KV compression ratio (full cache bytes / bytes held).
+
+    Prompts whose budget was below the method's protected minimum (``infeasible`` rows) are
+    counted apart; a cell with no feasible prompt has None metrics (``n/a`` in the tables).
+    """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["model"] == model_name:
             groups.setdefault((row["method"], row["budget"]), []).append(row)
     table = []
-    for (method, budget), items in sorted(groups.items(), key=lambda kv: (kv[0][0] != "FullKV", kv[0][0], kv[0][1])):
+    for (method, budget), rows_ in sorted(groups.items(), key=lambda kv: (kv[0][0] != "FullKV", kv[0][0], kv[0][1])):
+        items = [r for r in rows_ if not r.get("infeasible")]
         kls = [r["kl"] for r in items if r["kl"] is not None]
+        ratios = [r["kv_ratio"] for r in items if r.get("kv_ratio") is not None]
+        n = len(items)
         table.append({
-            "method": method, "budget": budget, "prompts": len(items),
-            "accuracy": round(100 * sum(r["correct"] for r in items) / len(items), 1),
-            "prefix_agreement": round(sum(r["prefix_agreement"] for r in items) / len(items), 3),
+            "method": method, "budget": budget, "prompts": n, "infeasible": len(rows_) - n,
+            "accuracy": round(100 * sum(r["correct"] for r in items) / n, 1) if n else None,
+            "prefix_agreement": round(sum(r["prefix_agreement"] for r in items) / n, 3) if n else None,
             "kl": round(sum(kls) / len(kls), 4) if kls else None,
+            "kv_ratio": round(sum(ratios) / len(ratios), 2) if ratios else None,
         })
     return table
 
@@ -275,10 +299,19 @@ def markdown_table(table: list[dict], metric: str = "accuracy") -> str:
     for method in methods:
         if method == "FullKV":
             continue
-        values = [str(cell[(method, b)][metric]) if (method, b) in cell else "" for b in budgets]
+        values = [_cell_text(cell.get((method, b)), metric) for b in budgets]
         prompts = max(cell[(method, b)]["prompts"] for b in budgets if (method, b) in cell)
         lines.append(f"| {method} | {' | '.join(values)} | {prompts} |")
     return "\n".join(lines)
+
+
+def _cell_text(row: dict | None, metric: str) -> str:
+    """A markdown cell: the metric, ``n/a`` when the budget was infeasible for every prompt."""
+    if row is None:
+        return ""
+    if row[metric] is None:
+        return "n/a" if row.get("infeasible") else ""
+    return str(row[metric]) + (f" ({row['infeasible']} n/a)" if row.get("infeasible") else "")
 
 
 def plot(table: list[dict], path: str | Path, metric: str = "accuracy", title: str = "") -> None:
@@ -290,7 +323,9 @@ def plot(table: list[dict], path: str | Path, metric: str = "accuracy", title: s
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in table):
-        rows = sorted((r for r in table if r["method"] == method), key=lambda r: r["budget"])
+        rows = sorted((r for r in table if r["method"] == method and r[metric] is not None), key=lambda r: r["budget"])
+        if not rows:
+            continue
         if method == "FullKV":
             ax.axhline(rows[0][metric], color="k", ls="--", label="FullKV")
             continue

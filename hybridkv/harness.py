@@ -6,6 +6,12 @@ all methods. :func:`capture_prefill` records them once per prompt; :func:`decode
 method's compressed cache from the capture (``Engine.cache_from_prefill``) and decodes in a
 plain loop. ``tests/test_harness.py`` proves this gives the tokens of
 ``with method.apply(model): model.generate(...)`` for every method.
+
+A prompt can also end with a *tail* that is fed after compression (``tail_tokens``): the
+prefix is prefilled and compressed, then the tail goes through the compressed cache in one
+forward (causal among its tokens, not compressed) and its last logits choose the first answer
+token. Without a tail the first answer token comes from the full-attention prefill, which is
+the same for every method, so a one-word answer could not show what compression lost.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from transformers import DynamicCache
 
 from hybridkv.cache import CompressedLayer
 from hybridkv.methods.base import LayerContext, Method
+from hybridkv.models.architectures import model_spec
+
+_PER_POSITION = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Input keys indexed by prompt position, cut when a tail is split off."""
 
 
 @dataclass
@@ -30,6 +40,7 @@ class PrefillCapture:
         scaling: attention softmax scale. last_logits: (vocab,) float32 logits of the last prompt position.
         rope_deltas: Qwen-VL's M-RoPE offset the prefill left on the model (None for text
             models); :func:`decode` puts it back, since another prompt's prefill overwrites it.
+        tail: (T,) prompt ids fed after compression, or None (then ``input_ids`` is the whole prompt).
     """
 
     input_ids: torch.Tensor
@@ -38,6 +49,7 @@ class PrefillCapture:
     scaling: float
     last_logits: torch.Tensor
     rope_deltas: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
 
 
 class _Capture(Method):
@@ -54,13 +66,37 @@ class _Capture(Method):
         layer.compress(torch.ones(ctx.keys.shape[:2], dtype=torch.bool, device=ctx.keys.device))
 
 
-def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | None = None) -> PrefillCapture:
-    """Prefill ``inputs`` (batch 1) with the full cache and record what every method needs."""
+def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | None = None,
+                    tail_tokens: int = 0) -> PrefillCapture:
+    """Prefill ``inputs`` (batch 1) with the full cache and record what every method needs.
+
+    Args:
+        query_tokens: trailing tokens of the compressed prefix that form the question (None: inferred).
+        tail_tokens: trailing prompt tokens to feed after compression instead of prefilling them;
+            they must not hold visual tokens.
+    """
+    prefix, tail = split_tail(model, inputs, tail_tokens)
     capture = _Capture()
     with torch.inference_mode(), capture.apply(model, query_tokens=query_tokens):
-        out = model(**inputs, past_key_values=DynamicCache(), use_cache=True)
-    return PrefillCapture(inputs["input_ids"], query_tokens, capture.layers, capture.scaling,
-                          out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None))
+        out = model(**prefix, past_key_values=DynamicCache(), use_cache=True)
+    return PrefillCapture(prefix["input_ids"], query_tokens, capture.layers, capture.scaling,
+                          out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None), tail)
+
+
+def split_tail(model: torch.nn.Module, inputs: dict, tail_tokens: int) -> tuple[dict, torch.Tensor | None]:
+    """``inputs`` without its last ``tail_tokens`` positions, and those (T,) ids (None when 0)."""
+    if tail_tokens == 0:
+        return inputs, None
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1 or not 0 < tail_tokens < ids.shape[1]:
+        raise ValueError(f"tail_tokens={tail_tokens} must be between 1 and the prompt length minus one "
+                         f"({ids.shape[1] - 1}) of a batch-1 prompt.")
+    tail = ids[0, -tail_tokens:]
+    visual = model_spec(model).visual_token_ids
+    if visual and bool(torch.isin(tail, torch.tensor(visual)).any()):
+        raise ValueError("the tail fed after compression holds visual tokens: images must be in the compressed prefix.")
+    prefix = {k: (v[:, :-tail_tokens] if k in _PER_POSITION else v) for k, v in inputs.items()}
+    return prefix, tail
 
 
 @dataclass
@@ -82,16 +118,22 @@ def decode(model: torch.nn.Module, method: Method, capture: PrefillCapture, max_
     """Decode from a captured prefill under ``method``.
 
     Args:
-        max_new_tokens: tokens to produce (the first comes from the shared prefill logits).
+        max_new_tokens: tokens to produce (the first comes from the shared prefill logits, or
+            from the tail's forward through the compressed cache when the capture has a tail).
         forced: (T,) ids to feed instead of the argmax (teacher forcing, for KL); T bounds the steps.
         stop_ids: greedy decoding stops after emitting one of these.
     """
     steps = max_new_tokens if forced is None else forced.shape[0]
-    logits, tokens = [capture.last_logits], []
+    tokens = []
     if capture.rope_deltas is not None:
         model.model.rope_deltas = capture.rope_deltas
     with torch.inference_mode(), method.apply(model, query_tokens=capture.query_tokens) as engine:
         cache = engine.cache_from_prefill(capture)
+        if capture.tail is None:
+            logits = [capture.last_logits]
+        else:
+            out = model(input_ids=capture.tail[None], past_key_values=cache, use_cache=True)
+            logits = [out.logits[0, -1].float()]
         for step in range(steps):
             token = int(forced[step]) if forced is not None else int(logits[-1].argmax())
             tokens.append(token)

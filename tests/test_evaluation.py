@@ -65,3 +65,25 @@ def test_answer_checking():
     assert answer_correct(" 48213. Remember", "48213")
     assert not answer_correct(" 4821", "48213")
     assert not answer_correct(" none", "48213")
+
+
+def test_budget_below_the_protected_minimum_is_recorded_as_not_applicable(tmp_path):
+    """HybridKV keeps all prompt text: 5% of a 90-token prompt with a 10-token question cannot
+    hold it, so the row says infeasible (n/a in the tables) while SnapKV's row is scored."""
+    store = ResultStore(tmp_path / "q.jsonl")
+    evaluate(get_model("llama"), DigitTokenizer(), "tiny", [tiny_task(0)], store, ["SnapKV", "HybridKV"], [0.05],
+             progress=False, max_new_tokens=2)
+    rows = {r["method"]: r for r in store.rows.values()}
+    assert rows["HybridKV"]["infeasible"] is True and rows["HybridKV"]["correct"] is None
+    assert "infeasible" not in rows["SnapKV"]
+    table = summarize(store.rows.values(), "tiny")
+    hybrid = next(r for r in table if r["method"] == "HybridKV")
+    assert (hybrid["prompts"], hybrid["infeasible"], hybrid["accuracy"]) == (0, 1, None)
+    assert "| HybridKV | n/a |" in markdown_table(table)
+
+
+def test_kvpress_peers_refuse_tasks_with_a_tail(tmp_path):
+    task = TextTask("needle", 90, 0.5, 0, tiny_task(0).input_ids, 10, "12345", tail_tokens=3)
+    with pytest.raises(ValueError, match="cannot feed a tail"):
+        evaluate(get_model("llama"), DigitTokenizer(), "tiny", [task], ResultStore(tmp_path / "q.jsonl"), ["SnapKV"],
+                 [0.5], peers=["kvpress:SnapKV"], progress=False)

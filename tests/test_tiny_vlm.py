@@ -128,3 +128,21 @@ def test_multi_image_needle_prompt_runs(bundled) -> None:
     inputs = build_inputs(tok, proc, sample.images(), sample.question)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
     assert answer(model, tok, proc, sample.images(), sample.question) in COLOURS
+
+
+@pytest.mark.parametrize("protocol", ["answer-after", "question-after"])
+def test_visual_eval_protocols_feed_the_right_tail(bundled, protocol) -> None:
+    """answer-after compresses images + question and feeds the assistant header; question-after
+    compresses the images only (the prefix ends at the last <|vision_end|>)."""
+    from hybridkv.data.visual_eval import visual_tasks
+
+    _, tok, processor = bundled
+    for task in visual_tasks(tok, processor, ["cell_colour", "needle"], 1, num_images=[4], protocol=protocol):
+        tokens = tok.convert_ids_to_tokens(task.inputs()["input_ids"][0].tolist())
+        prefix, tail = tokens[: -task.tail_tokens], tokens[-task.tail_tokens:]
+        if protocol == "answer-after":
+            assert tail == ["<|im_start|>", "assistant", "\n"] and prefix[-2:] == ["<|im_end|>", "\n"]
+        else:
+            assert prefix[-1] == "<|vision_end|>" and "<|image_pad|>" not in tail
+            assert tail[: len(task.sample.question.split())] == task.sample.question.split()
+        assert task.key.endswith(protocol) and task.kind in ("cell_colour", "needle-4")

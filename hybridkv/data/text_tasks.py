@@ -34,6 +34,7 @@ class TextTask:
         depth: relative depth of the (asked) needle in [0, 1]. seed: generator seed.
         input_ids: (1, L) prompt ids. query_tokens: trailing question tokens.
         answer: the expected answer string (digits).
+        tail_tokens: trailing prompt tokens fed after compression (0: all of the prompt is compressed).
     """
 
     task: str
@@ -43,6 +44,7 @@ class TextTask:
     input_ids: torch.Tensor
     query_tokens: int
     answer: str
+    tail_tokens: int = 0
 
     @property
     def key(self) -> str:

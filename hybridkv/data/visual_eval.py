@@ -1,4 +1,18 @@
-"""Visual question tasks (:mod:`hybridkv.data.visual_tasks`) as evaluation tasks for the tiny VLM."""
+"""Visual question tasks (:mod:`hybridkv.data.visual_tasks`) as evaluation tasks for the tiny VLM.
+
+The answers are one word, so the first answer token must read the compressed cache for the
+table to measure anything: with the whole prompt prefilled, that token comes from the
+full-attention prefill, the same for every method. Each task therefore says which trailing
+prompt tokens are fed *after* compression (``tail_tokens``), by protocol:
+
+- ``"answer-after"`` (default, the paper's setting): the images and the question are
+  compressed (the question is the text prior); the assistant header
+  ``<|im_start|>assistant\n`` is fed after, and its last position, which predicts the answer,
+  reads the compressed cache.
+- ``"question-after"`` (question-agnostic, as kvpress evaluates): only the images are
+  compressed, with no question to guide them; the question and the assistant header are fed
+  after.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,9 @@ import torch
 
 from hybridkv.data.visual_tasks import Sample, make_sample, split_seeds
 
+PROTOCOLS = ("answer-after", "question-after")
+"""What is fed after compression; see the module docstring."""
+
 
 @dataclass
 class VisualTask:
@@ -16,6 +33,8 @@ class VisualTask:
     Attributes:
         sample: the generated question. length: visual tokens in the prompt.
         depth: relative position of the answer's image among the images (0 for one image).
+        tail_tokens: trailing prompt tokens fed after compression (see :data:`PROTOCOLS`).
+        protocol: the protocol that set ``tail_tokens``.
     """
 
     sample: Sample
@@ -23,16 +42,19 @@ class VisualTask:
     length: int = 0
     depth: float = 0.0
     query_tokens: int | None = None
+    tail_tokens: int = 0
+    protocol: str = "answer-after"
 
     @property
     def key(self) -> str:
-        """Stable identifier (task, seed, images)."""
-        return f"{self.sample.task}-s{self.sample.seed}-n{len(self.sample.scenes)}"
+        """Stable identifier (task, seed, images, protocol)."""
+        return f"{self.sample.task}-s{self.sample.seed}-n{len(self.sample.scenes)}-{self.protocol}"
 
     @property
     def kind(self) -> str:
-        """The visual task name."""
-        return self.sample.task
+        """The visual task name; for ``needle`` with its number of images (``needle-8``)."""
+        task = self.sample.task
+        return f"{task}-{len(self.sample.scenes)}" if task == "needle" else task
 
     @property
     def answer(self) -> str:
@@ -49,17 +71,37 @@ class VisualTask:
         return bool(words) and words[0] == self.answer
 
 
-def visual_tasks(tokenizer, image_processor, kinds: list[str], per_kind: int, split: str = "test",
-                 num_images: int | None = None) -> list[VisualTask]:
-    """``per_kind`` tasks of each kind from ``split``, with the tiny VLM's prompt tensors."""
-    from hybridkv.models.tiny_vlm import build_inputs
+def tail_length(tokenizer, input_ids: torch.Tensor, protocol: str) -> int:
+    """Trailing tokens of a tiny-VLM prompt (1, L) to feed after compression under ``protocol``."""
+    from hybridkv.models.tiny_vlm import IM_START, VISION_END
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}.")
+    ids = input_ids[0].tolist()
+    marker = IM_START if protocol == "answer-after" else VISION_END
+    last = len(ids) - 1 - ids[::-1].index(tokenizer.convert_tokens_to_ids(marker))
+    return len(ids) - last if protocol == "answer-after" else len(ids) - last - 1
+
+
+def visual_tasks(tokenizer, image_processor, kinds: list[str], per_kind: int, split: str = "test",
+                 num_images: list[int | None] | int | None = None, protocol: str = "answer-after") -> list[VisualTask]:
+    """``per_kind`` tasks of each kind from ``split``, with the tiny VLM's prompt tensors.
+
+    Args:
+        num_images: images per ``needle`` prompt; a list gives ``per_kind`` needle tasks per
+            count (None: drawn per sample, 4-16).
+        protocol: what is fed after compression (:data:`PROTOCOLS`).
+    """
+    from hybridkv.models.tiny_vlm import IMAGE_PAD, build_inputs
+
+    counts = num_images if isinstance(num_images, list) else [num_images]
     tasks = []
-    for kind in kinds:
+    for kind, images in [(k, n) for k in kinds for n in (counts if k == "needle" else [None])]:
         for seed in split_seeds(split, per_kind):
-            sample = make_sample(kind, seed, num_images=num_images if kind == "needle" else None)
+            sample = make_sample(kind, seed, num_images=images)
             prompt = build_inputs(tokenizer, image_processor, sample.images(), sample.question)
-            visual = int((prompt["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
+            visual = int((prompt["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum())
             depth = sample.target[0] / max(1, len(sample.scenes) - 1) if sample.target else 0.0
-            tasks.append(VisualTask(sample, prompt, visual, depth))
+            tail = tail_length(tokenizer, prompt["input_ids"], protocol)
+            tasks.append(VisualTask(sample, prompt, visual, depth, tail_tokens=tail, protocol=protocol))
     return tasks
