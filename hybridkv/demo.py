@@ -7,6 +7,10 @@ take your own images and question. It prints both answers, the KV bytes, the dec
 and the head-type summary, and saves a PNG of the images with the visual tokens that one
 static head and one dynamic head of HybridKV hold (and, for the dynamic head, those it
 retrieved at the last step).
+
+The assistant header (``<|im_start|>assistant\n``) is fed after compression, as in
+``benchmarks/multimodal.py``: otherwise a one-word answer would come from the full-attention
+prefill, identical for every method, and the side-by-side would show nothing.
 """
 
 from __future__ import annotations
@@ -67,9 +71,11 @@ def build_prompt(tokenizer, image_processor, images: list[Image.Image], question
 
 
 def run_method(model, tokenizer, inputs: dict, name: str, method: Method, new_tokens: int) -> DemoRun:
-    """Greedy answer under ``method`` with each decoding step timed."""
+    """Greedy answer under ``method`` with each decoding step timed; the assistant header is fed
+    after compression."""
+    header = inputs["input_ids"][0].tolist()[::-1].index(tokenizer.convert_tokens_to_ids("<|im_start|>")) + 1
     with method.apply(model):
-        _, steps, _, tokens = timed_decode(model, inputs, new_tokens)
+        _, steps, _, tokens = timed_decode(model, inputs, new_tokens, tail_tokens=header)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
     return DemoRun(name, tokenizer.decode(tokens, skip_special_tokens=True).strip(), method.report,
@@ -145,7 +151,7 @@ def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, me
 
 
 def run_demo(model_path: str | None = None, image_paths: list[str] | None = None, prompt: str | None = None,
-             budget: float = 0.1, num_images: int = 8, seed: int = 0, new_tokens: int = 4,
+             budget: float = 0.1, num_images: int = 16, seed: int = 0, new_tokens: int = 4,
              out: str | Path = "hybridkv_demo.png", profile: str | None = None) -> tuple[DemoRun, DemoRun]:
     """Run the demo and print its summary; returns the (FullKV, HybridKV) runs."""
     model, tokenizer, image_processor, chat_prefix = load_demo_model(model_path)
