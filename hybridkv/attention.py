@@ -11,12 +11,18 @@ switches a model's text decoder to it inside ``method.apply(model)``.
   step, and the recent block (causal inside it). All parts share one softmax, so the result is
   exactly softmax attention over the kept entries.
 
-The flat part is computed for all heads with one matrix product ``(N, D) @ (D, Hq*Q)`` and a
-mask that keeps only each entry's own head: this reads every kept key once (decoding is
-memory-bound) and has no Python loop over heads.
+Each part is a batch of P blocks, every block belonging to one KV head: the recent block and a
+uniform prefix are ``(kv_heads, n, D)``; a non-uniform prefix is its ``(tiles, tile_rows, D)``
+tiles plus a small remainder; retrieved chunks are one block per retrieving head. A block is
+multiplied only with its own head's queries (one batched product per part, no Python loop
+over heads), and the parts are merged by a softmax over segments: per-head maxima
+(``scatter_reduce``), then exponentials, sums and weighted values added per head
+(``index_add``). Every kept key is read once and no work is spent on other heads' entries.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,29 +31,76 @@ from transformers import AttentionInterface
 ATTENTION_NAME = "hybridkv"
 
 
-def flat_logits(
-    keys: torch.Tensor, heads: torch.Tensor, query: torch.Tensor, scaling: float, group: int
-) -> torch.Tensor:
-    """Scaled logits of every query head over flat entries, ``-inf`` where the head differs.
+@dataclass
+class Part:
+    """Logits of one batch of blocks against their heads' queries.
 
-    Args:
-        keys: (N, D) flat keys. heads: (N,) KV head of each entry.
-        query: (Hq, Q, D) queries. group: query heads per KV head.
-    Returns:
-        (Hq * Q, N) float32 logits, rows ordered (query head, query).
+    Attributes:
+        heads: (P,) long KV head of each block, or None for one block per head in order.
+        logits: (P, R, n) float32 scaled logits, R = query rows per KV head (group x Q);
+            ``-inf`` where an entry must not be seen.
+        values: (P, n, D) values, or (n, D) shared by all blocks.
+        entries: real (unmasked) entries of the part, summed over heads (for the report).
     """
-    hq, q_len, dim = query.shape
-    logits = (query.reshape(hq * q_len, dim) @ keys.T).float() * scaling  # (Hq*Q, N)
-    row_head = torch.arange(hq, device=keys.device).repeat_interleave(q_len) // group  # (Hq*Q,)
-    return logits.masked_fill(row_head[:, None] != heads[None, :].long(), float("-inf"))
+
+    heads: torch.Tensor | None
+    logits: torch.Tensor
+    values: torch.Tensor
+    entries: int
+
+
+def _block(q_grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+           heads: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> Part:
+    """Part of blocks ``keys``/``values`` (P, n, D) owned by ``heads`` (None: one per head in order)."""
+    q = q_grouped if heads is None else q_grouped[heads]  # (P, R, D)
+    logits = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scaling)  # (P, R, n)
+    entries = keys.shape[0] * keys.shape[1]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        entries = int(valid.sum())
+    return Part(heads, logits, values, entries)
+
+
+def _shared(q_grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owner: torch.Tensor,
+            scaling: float) -> Part:
+    """Part of a few flat entries (N, D) of mixed heads ``owner`` (N,): every head, others masked."""
+    kv_heads, rows, dim = q_grouped.shape
+    logits = (q_grouped.reshape(-1, dim) @ keys.T).float().mul_(scaling).view(kv_heads, rows, -1)
+    mine = torch.arange(kv_heads, device=keys.device)[:, None] == owner[None, :].long()  # (Hkv, N)
+    return Part(None, logits.masked_fill(~mine[:, None, :], float("-inf")), values, keys.shape[0])
+
+
+def merge(parts: list[Part], kv_heads: int) -> torch.Tensor:
+    """Softmax over all parts' entries of each head and query row; (kv_heads, R, D) float32."""
+    rows = parts[0].logits.shape[1]
+    device = parts[0].logits.device
+    top = torch.full((kv_heads, rows), float("-inf"), device=device)
+    for part in parts:
+        peak = part.logits.amax(dim=-1)  # (P, R)
+        if part.heads is None:
+            top = torch.maximum(top, peak)
+        else:
+            top.scatter_reduce_(0, part.heads[:, None].expand_as(peak), peak, "amax")
+    total = torch.zeros(kv_heads, rows, device=device)
+    out = torch.zeros(kv_heads, rows, parts[0].values.shape[-1], device=device)
+    for part in parts:
+        weights = torch.exp(part.logits - (top if part.heads is None else top[part.heads])[..., None])
+        p = weights.to(part.values.dtype)
+        if part.values.dim() == 2:  # shared values (n, D)
+            mixed = (p.reshape(-1, p.shape[-1]) @ part.values).view(*p.shape[:2], -1)
+        else:
+            mixed = torch.bmm(p, part.values)
+        if part.heads is None:
+            total += weights.sum(-1)
+            out += mixed.float()
+        else:
+            total.index_add_(0, part.heads, weights.sum(-1))
+            out.index_add_(0, part.heads, mixed.float())
+    return out / total[..., None]
 
 
 def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, int]:
     """Attention of ``query`` over a compressed layer (prefix + retrieved + recent entries).
-
-    Parts with the same length for every head (the recent block, and the prefix when the
-    method kept the same number of tokens per head) are attended as (Hkv, n, D) blocks with a
-    batched product; parts with per-head lengths through :func:`flat_logits`.
 
     Args:
         layer: a compressed :class:`~hybridkv.cache.CompressedLayer` (batch 1).
@@ -62,35 +115,31 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tens
     q = query[0]  # (Hq, Q, D)
     if layer.observer is not None:
         layer.observer(q, layer)
-    recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
-    blocks = [(recent_k[0], recent_v[0])]  # (Hkv, n, D) parts; the recent block first
-    flat = []  # (keys (N, D), values (N, D), heads (N,)) parts
-    if layer.uniform:  # sorted by head: a free (Hkv, n, D) view
-        blocks.append((layer.prefix_keys.view(kv_heads, -1, dim), layer.prefix_values.view(kv_heads, -1, dim)))
-    else:
-        flat.append((layer.prefix_keys, layer.prefix_values, layer.prefix_heads))
-    if layer.retriever is not None:
-        flat.append(layer.retriever.extra_entries(q))
-    flat = [part for part in flat if part[0].shape[0] > 0]
-
     q_grouped = q.reshape(kv_heads, group * q_len, dim)  # rows (g, q) per KV head
-    parts = [(q_grouped @ k.transpose(1, 2)).float().mul_(scaling).reshape(hq * q_len, -1) for k, _ in blocks]
+    recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
+    recent = _block(q_grouped, recent_k[0], recent_v[0], scaling)
     t_len = recent_k.shape[-2]
-    if q_len > 1:  # query i sits at recent slot t_len - q_len + i; rows are ordered (head, g, q)
-        query_slot = torch.arange(t_len - q_len, t_len, device=q.device).repeat(hq)  # (Hq*Q,)
+    if q_len > 1:  # query i sits at recent slot t_len - q_len + i; rows are ordered (g, q)
+        query_slot = torch.arange(t_len - q_len, t_len, device=q.device).repeat(group)  # (R,)
         future = torch.arange(t_len, device=q.device)[None, :] > query_slot[:, None]
-        parts[0] = parts[0].masked_fill(future, float("-inf"))
-    parts += [flat_logits(k, h, q, scaling, group) for k, _, h in flat]
-    probs = torch.softmax(torch.cat(parts, dim=1), dim=1).to(recent_v.dtype)  # (Hq*Q, total)
-
-    chunks = probs.split([p.shape[1] for p in parts], dim=1)
-    out = torch.zeros(kv_heads, group * q_len, dim, dtype=recent_v.dtype, device=q.device)
-    for (_, values), p in zip(blocks, chunks):
-        out = out + torch.bmm(p.reshape(kv_heads, group * q_len, -1), values)
-    out = out.reshape(hq * q_len, dim)
-    for (_, values, _), p in zip(flat, chunks[len(blocks):]):
-        out = out + p @ values
-    attended = sum(k.shape[0] * k.shape[1] for k, _ in blocks) + sum(k.shape[0] for k, _, _ in flat)
+        recent.logits = recent.logits.masked_fill(future, float("-inf"))
+    parts = [recent]
+    keys, values = layer.prefix_keys, layer.prefix_values
+    if layer.uniform:  # sorted by head: a free (Hkv, n, D) view
+        parts.append(_block(q_grouped, keys.view(kv_heads, -1, dim), values.view(kv_heads, -1, dim), scaling))
+    elif keys.shape[0]:
+        tiled = layer.tile_heads.shape[0] * layer.tile_rows
+        if tiled:
+            parts.append(_block(q_grouped, keys[:tiled].view(-1, layer.tile_rows, dim),
+                                values[:tiled].view(-1, layer.tile_rows, dim), scaling, layer.tile_heads))
+        if keys.shape[0] > tiled:
+            parts.append(_shared(q_grouped, keys[tiled:], values[tiled:], layer.prefix_heads[tiled:], scaling))
+    if layer.retriever is not None:
+        heads, r_keys, r_values, valid = layer.retriever.retrieved(q)
+        if heads.numel() and r_keys.shape[1]:
+            parts.append(_block(q_grouped, r_keys, r_values, scaling, heads, valid))
+    out = merge(parts, kv_heads).to(query.dtype)  # (Hkv, R, D), rows (g, q)
+    attended = sum(part.entries for part in parts)
     return out.reshape(1, hq, q_len, dim).transpose(1, 2), attended
 
 

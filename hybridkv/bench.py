@@ -163,7 +163,9 @@ def write_results(rows: list[dict], out: str | Path, meta: dict) -> None:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print rows as an aligned text table."""
+    """Print rows as an aligned text table (nothing for no rows)."""
+    if not rows:
+        return
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in rows:

@@ -237,7 +237,8 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
     """Evaluate (resuming ``out``.jsonl), then write the summary as CSV/JSON, markdown and PNG.
 
     ``kinds`` adds one summary per task kind (e.g. single-image vs multi-image) beside the overall
-    one; a kind ending in ``*`` groups every kind with that prefix (``needle-*``).
+    one; a kind ending in ``*`` groups every kind with that prefix (``needle-*``) and also gets
+    its own KL table.
     """
     from hybridkv.bench import with_ext, write_results
 
@@ -253,7 +254,9 @@ def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[Ev
         part = summarize([r for r in rows if match(r["kind"])], model_name)
         if part:
             sections.append(f"## {kind}\n\n{markdown_table(part)}")
-    sections.append(f"## mean KL to the full cache (teacher-forced)\n\n{markdown_table(table, 'kl')}")
+        if part and kind.endswith("*"):
+            sections.append(f"## {kind}: mean KL to the full cache (teacher-forced)\n\n{markdown_table(part, 'kl')}")
+    sections.append(f"## mean KL to the full cache (teacher-forced), all prompts\n\n{markdown_table(table, 'kl')}")
     markdown = "\n\n".join(sections)
     with_ext(out, ".md").write_text(markdown + "\n")
     print(markdown)

@@ -38,6 +38,9 @@ class ChunkRetriever:
         self.chunk_heads = chunk_heads.to(device=device, dtype=torch.long)
         self.chunk_starts = chunk_starts.to(torch.int32)
         self.select_per_head = select_per_head.to(device=device, dtype=torch.long)
+        counts = torch.bincount(self.chunk_heads, minlength=self.select_per_head.shape[0])
+        in_order = bool((self.chunk_heads[1:] >= self.chunk_heads[:-1]).all())
+        self.blocked = in_order and bool((counts == counts[0]).all())  # a (kv_heads, m) grid of chunks
         self.store = store
         if store == "host":
             pin = device.type == "cuda"
@@ -59,15 +62,28 @@ class ChunkRetriever:
         return (counts * self.chunk_size).tolist()
 
     def chunk_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """(M,) upper bound of the chunk's attention logits for the queries q (Hq, Q, D)."""
+        """(M,) upper bound of the chunk's attention logits for the queries q (Hq, Q, D).
+
+        ``max(q_d min_d, q_d max_d) = relu(q_d) max_d + min(q_d, 0) min_d``, so the bound is two
+        matrix products. When every head has the same number of chunks, in head order (Quest's
+        pages), they are batched per head with no gather; otherwise each chunk gathers its
+        head's queries.
+        """
         kv_heads = self.select_per_head.shape[0]
         hq, q_len, dim = q.shape
-        qg = q.reshape(kv_heads, (hq // kv_heads) * q_len, dim)[self.chunk_heads].float()  # (M, G*Q, D)
-        bound = torch.maximum(qg * self.kmin[:, None].float(), qg * self.kmax[:, None].float()).sum(-1)
+        qg = q.reshape(kv_heads, (hq // kv_heads) * q_len, dim).float()  # (Hkv, G*Q, D)
+        pos, neg = qg.clamp_min(0), qg.clamp_max(0)
+        if self.blocked:
+            kmax = self.kmax.view(kv_heads, -1, dim).float()
+            kmin = self.kmin.view(kv_heads, -1, dim).float()
+            bound = torch.baddbmm(torch.bmm(pos, kmax.transpose(1, 2)), neg, kmin.transpose(1, 2))  # (Hkv, G*Q, m)
+            return bound.amax(dim=1).flatten()
+        bound = (pos[self.chunk_heads] * self.kmax[:, None].float()).sum(-1)  # (M, G*Q)
+        bound += (neg[self.chunk_heads] * self.kmin[:, None].float()).sum(-1)
         return bound.amax(dim=-1)
 
-    def select(self, q: torch.Tensor) -> torch.Tensor:
-        """Indices of the chunks each head attends this step: its ``select_per_head`` best."""
+    def _ranked(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen chunk indices grouped by head (best first) and each one's rank inside its head."""
         scores = self.chunk_scores(q)
         by_score = scores.argsort(descending=True, stable=True)
         order = by_score[self.chunk_heads[by_score].argsort(stable=True)]  # grouped by head, best first
@@ -75,13 +91,33 @@ class ChunkRetriever:
         counts = torch.bincount(self.chunk_heads, minlength=self.select_per_head.shape[0])
         first = torch.cumsum(counts, 0) - counts
         rank = torch.arange(order.shape[0], device=order.device) - first[heads]
-        return order[rank < self.select_per_head[heads]]
+        chosen = rank < self.select_per_head[heads]
+        return order[chosen], rank[chosen]
 
-    def extra_entries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flat (S*C, D) keys and values of the selected chunks and their (S*C,) heads."""
-        chosen = self.select(q)
+    def select(self, q: torch.Tensor) -> torch.Tensor:
+        """Indices of the chunks each head attends this step: its ``select_per_head`` best."""
+        return self._ranked(q)[0]
+
+    def retrieved(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This step's chunks as one block per head that retrieves.
+
+        Returns:
+            ``heads`` (P,) the P heads with ``select_per_head > 0``; ``keys`` / ``values``
+            (P, S*C, D) on the model's device, S the largest per-head selection; ``valid``
+            (P, S*C) bool marking real rows (None when every head selects S chunks).
+        """
+        chosen, rank = self._ranked(q)
         self.last_selected = chosen
-        index = chosen.to(self.keys.device)
-        keys = self.keys[index].flatten(0, 1).to(self.device, non_blocking=True)
-        values = self.values[index].flatten(0, 1).to(self.device, non_blocking=True)
-        return keys, values, self.chunk_heads[chosen].repeat_interleave(self.chunk_size)
+        heads = (self.select_per_head > 0).nonzero().flatten()  # (P,)
+        slot = torch.full_like(self.select_per_head, -1)
+        slot[heads] = torch.arange(heads.shape[0], device=heads.device)
+        most = int(self.select_per_head.max()) if heads.numel() else 0
+        index = torch.full((heads.shape[0], most), -1, dtype=torch.long, device=chosen.device)
+        index[slot[self.chunk_heads[chosen]], rank] = chosen
+        valid = index >= 0
+        gather = index.clamp_min(0).to(self.keys.device)
+        keys = self.keys[gather].flatten(1, 2).to(self.device, non_blocking=True)  # (P, S*C, D)
+        values = self.values[gather].flatten(1, 2).to(self.device, non_blocking=True)
+        if bool(valid.all()):
+            return heads, keys, values, None
+        return heads, keys, values, valid.repeat_interleave(self.chunk_size, dim=1)
