@@ -102,12 +102,15 @@ def held_positions(method: HybridKV, layer: int, head: int) -> tuple[set[int], s
 
 
 def pick_heads(report) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """(layer, head) of one static and one dynamic head, from the middle layers outwards."""
+    """(layer, head) of one static and one dynamic head, from the middle layers outwards; a
+    dynamic head with a chunk pool is preferred (at small budgets some hold only text)."""
     types = report.head_types
+    pools = report.extra.get("pool_chunks") or [[0] * len(row) for row in types]
     order = sorted(range(len(types)), key=lambda i: abs(i - len(types) // 2))
     static = next(((i, h) for i in order for h, t in enumerate(types[i]) if t == "static"), None)
-    dynamic = next(((i, h) for i in order for h, t in enumerate(types[i]) if t == "dynamic"), None)
-    return static, dynamic
+    dynamic = sorted(((i, h) for i in order for h, t in enumerate(types[i]) if t == "dynamic"),
+                     key=lambda head: pools[head[0]][head[1]] == 0)
+    return static, (dynamic[0] if dynamic else None)
 
 
 def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, merge: int, method: HybridKV,
