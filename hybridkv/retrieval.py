@@ -38,9 +38,23 @@ class ChunkRetriever:
         self.chunk_heads = chunk_heads.to(device=device, dtype=torch.long)
         self.chunk_starts = chunk_starts.to(torch.int32)
         self.select_per_head = select_per_head.to(device=device, dtype=torch.long)
-        counts = torch.bincount(self.chunk_heads, minlength=self.select_per_head.shape[0])
+        kv_heads = self.select_per_head.shape[0]
+        counts = torch.bincount(self.chunk_heads, minlength=kv_heads)
         in_order = bool((self.chunk_heads[1:] >= self.chunk_heads[:-1]).all())
         self.blocked = in_order and bool((counts == counts[0]).all())  # a (kv_heads, m) grid of chunks
+        if bool((self.select_per_head > counts).any()):
+            raise ValueError(f"select_per_head {self.select_per_head.tolist()} exceeds the chunks of some head "
+                             f"({counts.tolist()}): a head cannot attend more chunks than it holds.")
+        # Per-step constants: each head's first chunk in head order, the retrieving heads, each
+        # chunk's row in the per-step block, and which block rows are real.
+        self.first_chunk = torch.cumsum(counts, 0) - counts  # (kv_heads,)
+        self.retrieving = (self.select_per_head > 0).nonzero().flatten()  # (P,)
+        slot = torch.full((kv_heads,), -1, dtype=torch.long, device=device)
+        slot[self.retrieving] = torch.arange(self.retrieving.shape[0], device=device)
+        self.chunk_slot = slot[self.chunk_heads]  # (M,)
+        self.most = int(self.select_per_head.max()) if self.retrieving.numel() else 0
+        valid = torch.arange(self.most, device=device)[None, :] < self.select_per_head[self.retrieving][:, None]
+        self.valid_rows = None if bool(valid.all()) else valid.repeat_interleave(self.chunk_size, dim=1)
         self.store = store
         if store == "host":
             pin = device.type == "cuda"
@@ -88,9 +102,7 @@ class ChunkRetriever:
         by_score = scores.argsort(descending=True, stable=True)
         order = by_score[self.chunk_heads[by_score].argsort(stable=True)]  # grouped by head, best first
         heads = self.chunk_heads[order]
-        counts = torch.bincount(self.chunk_heads, minlength=self.select_per_head.shape[0])
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.shape[0], device=order.device) - first[heads]
+        rank = torch.arange(order.shape[0], device=order.device) - self.first_chunk[heads]
         chosen = rank < self.select_per_head[heads]
         return order[chosen], rank[chosen]
 
@@ -108,16 +120,9 @@ class ChunkRetriever:
         """
         chosen, rank = self._ranked(q)
         self.last_selected = chosen
-        heads = (self.select_per_head > 0).nonzero().flatten()  # (P,)
-        slot = torch.full_like(self.select_per_head, -1)
-        slot[heads] = torch.arange(heads.shape[0], device=heads.device)
-        most = int(self.select_per_head.max()) if heads.numel() else 0
-        index = torch.full((heads.shape[0], most), -1, dtype=torch.long, device=chosen.device)
-        index[slot[self.chunk_heads[chosen]], rank] = chosen
-        valid = index >= 0
+        index = torch.full((self.retrieving.shape[0], self.most), -1, dtype=torch.long, device=chosen.device)
+        index[self.chunk_slot[chosen], rank] = chosen
         gather = index.clamp_min(0).to(self.keys.device)
         keys = self.keys[gather].flatten(1, 2).to(self.device, non_blocking=True)  # (P, S*C, D)
         values = self.values[gather].flatten(1, 2).to(self.device, non_blocking=True)
-        if bool(valid.all()):
-            return heads, keys, values, None
-        return heads, keys, values, valid.repeat_interleave(self.chunk_size, dim=1)
+        return self.retrieving, keys, values, self.valid_rows

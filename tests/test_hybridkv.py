@@ -199,3 +199,9 @@ def walked_bytes_of(obj) -> int:
     if obj is None:
         return 0
     return sum(v.untyped_storage().nbytes() for v in vars(obj).values() if isinstance(v, torch.Tensor))
+
+
+def test_retriever_refuses_to_select_more_chunks_than_a_head_holds():
+    keys = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match="cannot attend more chunks"):
+        ChunkRetriever(keys, keys, torch.tensor([0, 0, 1, 1]), torch.arange(4) * 2, torch.tensor([2, 3]))
