@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from hybridkv.bench import timed_decode
+from hybridkv.data.visual_eval import tail_length
 from hybridkv.methods import FullKV, HybridKV
 from hybridkv.methods.base import Method
 from hybridkv.profile import HeadProfile
@@ -73,7 +74,7 @@ def build_prompt(tokenizer, image_processor, images: list[Image.Image], question
 def run_method(model, tokenizer, inputs: dict, name: str, method: Method, new_tokens: int) -> DemoRun:
     """Greedy answer under ``method`` with each decoding step timed; the assistant header is fed
     after compression."""
-    header = inputs["input_ids"][0].tolist()[::-1].index(tokenizer.convert_tokens_to_ids("<|im_start|>")) + 1
+    header = tail_length(tokenizer, inputs["input_ids"], "answer-after")
     with method.apply(model):
         _, steps, _, tokens = timed_decode(model, inputs, new_tokens, tail_tokens=header)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

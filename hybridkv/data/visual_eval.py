@@ -72,7 +72,8 @@ class VisualTask:
 
 
 def tail_length(tokenizer, input_ids: torch.Tensor, protocol: str) -> int:
-    """Trailing tokens of a tiny-VLM prompt (1, L) to feed after compression under ``protocol``."""
+    """Trailing tokens of a Qwen-VL chat prompt (1, L) to feed after compression under ``protocol``
+    (the tiny VLM's, or a real checkpoint's: the special tokens are the same)."""
     from hybridkv.models.tiny_vlm import IM_START, VISION_END
 
     if protocol not in PROTOCOLS:
