@@ -14,10 +14,17 @@ from __future__ import annotations
 import argparse
 
 from hybridkv import AdaKV, FullKV, SnapKV
-from hybridkv.bench import (TINY_VL_DESCRIPTION, add_tiny_vl_arguments, measure, print_table,  # noqa: E402
-                            tiny_vl_setting, write_results)
+from hybridkv.bench import (
+    TINY_VL_DESCRIPTION,
+    add_tiny_vl_arguments,
+    measure,
+    print_table,
+    tiny_vl_setting,
+    write_results,
+)
 
-COLUMNS = ["method", "resident_kv_bytes", "prompt_kv_flat_bytes", "prompt_kv_padded_bytes", "x_less_kv", "attended_tokens_per_step",
+COLUMNS = ["method", "resident_kv_bytes", "prompt_kv_flat_bytes", "prompt_kv_padded_bytes", "x_less_kv",
+           "attended_tokens_per_step",
            "prefill_s", "decode_ms_per_token"]
 
 

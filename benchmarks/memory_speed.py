@@ -14,11 +14,17 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from hybridkv import AdaKV, FullKV, HybridKV, SnapKV  # noqa: E402
-from hybridkv.bench import (TINY_VL_DESCRIPTION, add_tiny_vl_arguments, measure, print_table,  # noqa: E402
-                            tiny_vl_setting, write_results)
+from hybridkv import AdaKV, FullKV, HybridKV, SnapKV
+from hybridkv.bench import (
+    TINY_VL_DESCRIPTION,
+    add_tiny_vl_arguments,
+    measure,
+    print_table,
+    tiny_vl_setting,
+    write_results,
+)
 
 BUDGETS = (0.05, 0.1, 0.2)
 COLUMNS = ["method", "resident_kv_bytes", "offloaded_kv_bytes", "x_less_kv", "attended_tokens_per_step", "prefill_s",

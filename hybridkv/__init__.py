@@ -2,24 +2,23 @@
 
 import hybridkv.attention  # noqa: F401  (registers the "hybridkv" attention implementation)
 from hybridkv.cache import held_bytes
-from hybridkv.methods import AdaKV, FullKV, HybridKV, SnapKV, StreamingLLM
-from hybridkv.methods import H2O, PyramidKV, Quest, SparseMM
+from hybridkv.methods import H2O, AdaKV, FullKV, HybridKV, PyramidKV, Quest, SnapKV, SparseMM, StreamingLLM
 from hybridkv.models.architectures import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from hybridkv.profile import HeadProfile, ProfileMismatchError, profile_heads
 from hybridkv.report import CacheReport
 
 __version__ = "0.1.0"
 __all__ = [
+    "H2O",
+    "SUPPORTED_MODEL_TYPES",
     "AdaKV",
     "CacheReport",
     "FullKV",
-    "H2O",
     "HeadProfile",
     "HybridKV",
     "ProfileMismatchError",
     "PyramidKV",
     "Quest",
-    "SUPPORTED_MODEL_TYPES",
     "SnapKV",
     "SparseMM",
     "StreamingLLM",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-import hybridkv.attention as attention
+from hybridkv import attention
 from hybridkv.cache import CompressedLayer, held_bytes
 from hybridkv.methods.base import LayerContext, Method, tokens_per_head
 from hybridkv.models.architectures import attention_modules, model_spec, text_config
@@ -93,7 +93,9 @@ class Engine:
 
     def _begin_prompt(self, cache: Cache, input_ids: torch.Tensor | None, length: int) -> None:
         if self.spec.is_multimodal and input_ids is None:
-            raise ValueError("hybridkv needs input_ids (not inputs_embeds) for a vision-language prompt to find its visual tokens.")
+            raise ValueError(
+                "hybridkv needs input_ids (not inputs_embeds) for a vision-language prompt to find its visual tokens."
+            )
         self.spans = find_spans(input_ids, length, self.spec, self.query_tokens)
         self.tokens_per_head = tokens_per_head(self.method.budget, length)
         cache.layers = [CompressedLayer(self.spec.num_kv_heads) for _ in range(self.spec.num_layers)]

@@ -23,10 +23,9 @@ import torch
 
 from hybridkv.budget import BudgetTooSmallError
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
-from hybridkv.methods import AdaKV, FullKV, H2O, HybridKV, PyramidKV, Quest, SnapKV, SparseMM, StreamingLLM
+from hybridkv.methods import H2O, AdaKV, FullKV, HybridKV, PyramidKV, Quest, SnapKV, SparseMM, StreamingLLM
 from hybridkv.methods.base import Method
 from hybridkv.profile import HeadProfile
-
 
 
 class EvalTask(Protocol):

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from hybridkv.profile import HeadProfile  # noqa: E402
+from hybridkv.profile import HeadProfile
 
 
 def profile_heatmap(profile: HeadProfile, path: str | Path, title: str | None = None) -> None:

@@ -3,16 +3,15 @@ transformers' own attention weights / full cache, and exactness at a full budget
 
 import pytest
 import torch
+from conftest import get_model, make_inputs
+from test_exactness import generate
+from test_methods import reference_snap_scores, run
 from transformers import DynamicCache
 
-from conftest import get_model, make_inputs
 from hybridkv import H2O, HeadProfile, ProfileMismatchError, PyramidKV, Quest, SparseMM, profile_heads
 from hybridkv.methods.pyramidkv import pyramid_budgets
 from hybridkv.models.tiny import text_inputs, tiny_model, visual_inputs
 from hybridkv.profile import model_identity
-
-from test_exactness import generate
-from test_methods import reference_snap_scores, run
 
 
 def eager_attentions(model, inputs):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import get_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import get_model
 from hybridkv import AdaKV, FullKV, SnapKV, StreamingLLM, UnsupportedModelError
 from hybridkv.models.tiny import text_inputs
 
@@ -30,24 +30,20 @@ def test_unsupported_model_names_supported_ones():
 
 def test_query_tokens_longer_than_prompt():
     model = get_model("llama")
-    with pytest.raises(ValueError, match="query_tokens"):
-        with SnapKV(0.5).apply(model, query_tokens=500):
-            model.generate(**text_inputs(100), max_new_tokens=2)
+    with pytest.raises(ValueError, match="query_tokens"), SnapKV(0.5).apply(model, query_tokens=500):
+        model.generate(**text_inputs(100), max_new_tokens=2)
 
 
 def test_int_budget_longer_than_prompt():
     model = get_model("llama")
-    with pytest.raises(ValueError, match="exceeds the prompt"):
-        with SnapKV(400).apply(model):
-            model.generate(**text_inputs(100), max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the prompt"), SnapKV(400).apply(model):
+        model.generate(**text_inputs(100), max_new_tokens=2)
 
 
 def test_applied_twice():
     model = get_model("qwen2")
-    with SnapKV(0.5).apply(model):
-        with pytest.raises(RuntimeError, match="already applied"):
-            with AdaKV(0.5).apply(model):
-                pass
+    with SnapKV(0.5).apply(model), pytest.raises(RuntimeError, match="already applied"), AdaKV(0.5).apply(model):
+        pass
 
 
 def test_generate_after_exit_runs_plain():
@@ -68,18 +64,16 @@ def test_generate_after_exit_runs_plain():
 def test_batch_larger_than_one():
     model = get_model("llama")
     inputs = {k: v.repeat(2, 1) for k, v in text_inputs(50).items()}
-    with pytest.raises(ValueError, match="batch size 1"):
-        with FullKV().apply(model):
-            model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="batch size 1"), FullKV().apply(model):
+        model.generate(**inputs, max_new_tokens=2)
 
 
 def test_padded_prompt():
     model = get_model("llama")
     inputs = text_inputs(50)
     inputs["attention_mask"][0, :3] = 0
-    with pytest.raises(ValueError, match="padded"):
-        with FullKV().apply(model):
-            model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="padded"), FullKV().apply(model):
+        model.generate(**inputs, max_new_tokens=2)
 
 
 def test_cache_filled_outside_the_method():
@@ -89,6 +83,5 @@ def test_cache_filled_outside_the_method():
     inputs = text_inputs(30)
     cache = DynamicCache()
     model(**inputs, past_key_values=cache)
-    with pytest.raises(ValueError, match="outside the active hybridkv method"):
-        with FullKV().apply(model):
-            model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache)
+    with pytest.raises(ValueError, match="outside the active hybridkv method"), FullKV().apply(model):
+        model(input_ids=inputs["input_ids"][:, :1], past_key_values=cache)

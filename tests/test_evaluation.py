@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import get_model
+
 from hybridkv.data.text_tasks import TextTask, answer_correct
 from hybridkv.evaluation import ResultStore, evaluate, make_method, markdown_table, summarize
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import get_model, make_inputs
 from transformers import DynamicCache
 
-from conftest import get_model, make_inputs
 from hybridkv import AdaKV, FullKV, HybridKV, SnapKV, StreamingLLM
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
 

@@ -5,15 +5,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import get_model, make_inputs
+from test_memory import walked_bytes
+
 from hybridkv import HeadProfile, HybridKV, ProfileMismatchError, profile_heads
 from hybridkv.attention import attend_layer
 from hybridkv.cache import CompressedLayer
 from hybridkv.models.tiny import tiny_model, visual_inputs
 from hybridkv.retrieval import ChunkRetriever
-
-from test_memory import walked_bytes
 
 
 # ----------------------------------------------------------------- chunk retrieval

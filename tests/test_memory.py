@@ -2,8 +2,8 @@
 with the budget; AdaKV's per-head budgets hold the sum of the heads, not kv_heads x the largest."""
 
 import torch
-
 from conftest import get_model
+
 from hybridkv import AdaKV, FullKV, SnapKV
 from hybridkv.models.tiny import visual_inputs
 

@@ -1,8 +1,8 @@
 """Visual token spans and text-prior query spans."""
 
 import torch
-
 from conftest import get_model
+
 from hybridkv.models.architectures import model_spec
 from hybridkv.models.tiny import IMAGE_PAD, VIDEO_PAD, text_inputs, visual_inputs
 from hybridkv.spans import DEFAULT_QUERY_WINDOW, find_spans

@@ -11,4 +11,4 @@ from hybridkv.methods.snapkv import SnapKV
 from hybridkv.methods.sparsemm import SparseMM
 from hybridkv.methods.streaming_llm import StreamingLLM
 
-__all__ = ["AdaKV", "FullKV", "H2O", "HybridKV", "Method", "PyramidKV", "Quest", "SnapKV", "SparseMM", "StreamingLLM"]
+__all__ = ["H2O", "AdaKV", "FullKV", "HybridKV", "Method", "PyramidKV", "Quest", "SnapKV", "SparseMM", "StreamingLLM"]

@@ -23,7 +23,7 @@ class AdaKV(Method):
     """
 
     def __init__(
-        self, budget: float | int = 0.1, alpha_safeguard: float = 0.2, window_size: int = 64, kernel_size: int = 5
+        self, budget: float = 0.1, alpha_safeguard: float = 0.2, window_size: int = 64, kernel_size: int = 5
     ) -> None:
         super().__init__(budget)
         if not 0.0 <= alpha_safeguard <= 1.0:

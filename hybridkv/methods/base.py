@@ -12,7 +12,7 @@ from hybridkv.report import CacheReport
 from hybridkv.spans import PromptSpans
 
 
-def validate_budget(budget: float | int) -> float | int:
+def validate_budget(budget: float) -> float | int:
     """Check a budget: a float fraction in (0, 1] of the prompt, or an int >= 1 tokens per KV head."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a float in (0, 1] or an int number of tokens per KV head, got {budget!r}.")
@@ -26,7 +26,7 @@ def validate_budget(budget: float | int) -> float | int:
     return budget
 
 
-def tokens_per_head(budget: float | int, prompt_len: int) -> int:
+def tokens_per_head(budget: float, prompt_len: int) -> int:
     """Average kept prompt tokens per KV head for ``budget`` on a prompt of ``prompt_len`` tokens."""
     if isinstance(budget, float):
         return max(1, min(prompt_len, round(budget * prompt_len)))
@@ -72,7 +72,7 @@ class Method:
             prompt tokens per KV head on average.
     """
 
-    def __init__(self, budget: float | int = 1.0) -> None:
+    def __init__(self, budget: float = 1.0) -> None:
         self.budget = validate_budget(budget)
         self._engine = None
 

@@ -31,7 +31,7 @@ class H2O(Method):
             transient memory to ``Hq x block_size x L`` float32 values.
     """
 
-    def __init__(self, budget: float | int = 0.1, recent_window: float | int = 0.5, block_size: int = 256) -> None:
+    def __init__(self, budget: float = 0.1, recent_window: float = 0.5, block_size: int = 256) -> None:
         super().__init__(budget)
         if isinstance(recent_window, bool) or not isinstance(recent_window, (int, float)):
             raise TypeError(

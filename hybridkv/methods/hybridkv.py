@@ -67,7 +67,7 @@ class HybridKV(Method):
 
     def __init__(
         self,
-        budget: float | int = 0.1,
+        budget: float = 0.1,
         profile: HeadProfile | None = None,
         chunk_size: int = 16,
         pool: float | None = 2.0,

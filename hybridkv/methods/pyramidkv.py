@@ -62,7 +62,7 @@ class PyramidKV(Method):
     """
 
     def __init__(
-        self, budget: float | int = 0.1, beta: float = 20.0, window_size: int = 64, kernel_size: int = 5
+        self, budget: float = 0.1, beta: float = 20.0, window_size: int = 64, kernel_size: int = 5
     ) -> None:
         super().__init__(budget)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1.0:

@@ -38,7 +38,7 @@ class Quest(Method):
             does not apply Quest to the first 2 layers; 0 keeps every layer within the budget).
     """
 
-    def __init__(self, budget: float | int = 0.1, page_size: int = 16, store: str = "device",
+    def __init__(self, budget: float = 0.1, page_size: int = 16, store: str = "device",
                  dense_layers: int = 0) -> None:
         super().__init__(budget)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:

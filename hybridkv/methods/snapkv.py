@@ -20,7 +20,7 @@ class SnapKV(Method):
         kernel_size: pooling width (odd). kvpress uses 5.
     """
 
-    def __init__(self, budget: float | int = 0.1, window_size: int = 64, kernel_size: int = 5) -> None:
+    def __init__(self, budget: float = 0.1, window_size: int = 64, kernel_size: int = 5) -> None:
         super().__init__(budget)
         if window_size < 1 or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"window_size must be >= 1 and kernel_size odd >= 1, got {window_size}, {kernel_size}.")

@@ -40,7 +40,7 @@ class SparseMM(Method):
     """
 
     def __init__(
-        self, budget: float | int, profile: HeadProfile, base_share: float = 0.1, window_size: int = 64,
+        self, budget: float, profile: HeadProfile, base_share: float = 0.1, window_size: int = 64,
         kernel_size: int = 5,
     ) -> None:
         super().__init__(budget)

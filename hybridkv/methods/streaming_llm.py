@@ -16,7 +16,7 @@ class StreamingLLM(Method):
         sink_tokens: leading tokens always kept (the paper uses 4); counts against the budget.
     """
 
-    def __init__(self, budget: float | int = 0.1, sink_tokens: int = 4) -> None:
+    def __init__(self, budget: float = 0.1, sink_tokens: int = 4) -> None:
         super().__init__(budget)
         if sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}.")

@@ -64,9 +64,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -605,7 +606,7 @@ def _save_converted(model: torch.nn.Module, spec: _ModelSpec, final: Path) -> bo
         seen: set[str] = set()
         for file in sorted(tmp.glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if key not in state or not torch.equal(f.get_tensor(key), state[key]):
                         logger.warning("hybridkv: saved tensor %s differs; not caching %s", key, spec.name)
                         return False
