@@ -1,146 +1,106 @@
-"""Exact softmax attention over a layer whose KV heads keep different numbers of tokens.
+"""Exact softmax attention over a layer whose rows keep different entries.
 
 Registered in transformers' ``AttentionInterface`` as ``"hybridkv"``; :mod:`hybridkv.engine`
 switches a model's text decoder to it inside ``method.apply(model)``.
 
-* Prefill (the layer holds only the uncompressed prompt): plain causal SDPA over the prompt,
-  then the engine lets the method compress the layer (layer by layer, so at most one layer's
-  full prompt KV exists at a time).
-* Later forwards: every query head attends over its KV head's kept prompt entries (flat
-  storage, see :class:`~hybridkv.cache.CompressedLayer`), the entries a retriever adds for this
-  step, and the recent block (causal inside it). All parts share one softmax, so the result is
-  exactly softmax attention over the kept entries.
+* A fresh prompt (the layer holds only the forward's own tokens): plain causal SDPA, then the
+  engine compresses the layer (layer by layer, so at most one layer's uncompressed prompt KV
+  exists at a time).
+* A decoding step (one token): :func:`decode_step` — the layer's retriever writes this step's
+  chunks into its retrieval slots, then one SDPA call reads the layer's rectangle in place,
+  its queries grouped by KV head ``(B, H, G, D)`` so that the per-row bias ``(B, H, 1, n)``
+  broadcasts over each head's queries. A small constant number of ops, whatever the number of
+  heads, parts or chunks; no host synchronisation (device store); ``torch.compile``-able.
+* A later multi-token forward (a prompt tail, a new turn): the same, with a causal mask among
+  its own tokens, built for blocks of query rows so that the mask stays small.
 
-Each part is a batch of P blocks, every block belonging to one KV head: the recent block and a
-uniform prefix are ``(kv_heads, n, D)``; a non-uniform prefix is its ``(tiles, tile_rows, D)``
-tiles plus a small remainder; retrieved chunks are one block per retrieving head. A block is
-multiplied only with its own head's queries (one batched product per part, no Python loop
-over heads), and the parts are merged by a softmax over segments: per-head maxima
-(``scatter_reduce``), then exponentials, sums and weighted values added per head
-(``index_add``). Every kept key is read once and no work is spent on other heads' entries.
+SDPA's kernels accumulate logits and softmax in float32 whatever the keys' dtype.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from hybridkv.cache.chunk_pool import PoolStep, retrieve
+
 ATTENTION_NAME = "hybridkv"
 
-
-@dataclass
-class Part:
-    """Logits of one batch of blocks against their heads' queries.
-
-    Attributes:
-        heads: (P,) long KV head of each block, or None for one block per head in order.
-        logits: (P, R, n) float32 scaled logits, R = query rows per KV head (group x Q);
-            ``-inf`` where an entry must not be seen.
-        values: (P, n, D) values, or (n, D) shared by all blocks.
-        entries: real (unmasked) entries of the part, summed over heads (for the report).
-    """
-
-    heads: torch.Tensor | None
-    logits: torch.Tensor
-    values: torch.Tensor
-    entries: int
+MASK_BYTES = 64 * 2**20
+"""Largest attention mask a multi-token forward into a compressed cache builds at a time."""
 
 
-def _block(q_grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-           heads: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> Part:
-    """Part of blocks ``keys``/``values`` (P, n, D) owned by ``heads`` (None: one per head in order)."""
-    q = q_grouped if heads is None else q_grouped[heads]  # (P, R, D)
-    logits = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scaling)  # (P, R, n)
-    entries = keys.shape[0] * keys.shape[1]
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-        entries = int(valid.sum())
-    return Part(heads, logits, values, entries)
-
-
-def _shared(q_grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owner: torch.Tensor,
-            scaling: float) -> Part:
-    """Part of a few flat entries (N, D) of mixed heads ``owner`` (N,): every head, others masked."""
-    kv_heads, rows, dim = q_grouped.shape
-    logits = (q_grouped.reshape(-1, dim) @ keys.T).float().mul_(scaling).view(kv_heads, rows, -1)
-    mine = torch.arange(kv_heads, device=keys.device)[:, None] == owner[None, :].long()  # (Hkv, N)
-    return Part(None, logits.masked_fill(~mine[:, None, :], float("-inf")), values, keys.shape[0])
-
-
-def merge(parts: list[Part], kv_heads: int) -> torch.Tensor:
-    """Softmax over all parts' entries of each head and query row; (kv_heads, R, D) float32."""
-    rows = parts[0].logits.shape[1]
-    device = parts[0].logits.device
-    top = torch.full((kv_heads, rows), float("-inf"), device=device)
-    for part in parts:
-        peak = part.logits.amax(dim=-1)  # (P, R)
-        if part.heads is None:
-            top = torch.maximum(top, peak)
-        else:
-            top.scatter_reduce_(0, part.heads[:, None].expand_as(peak), peak, "amax")
-    total = torch.zeros(kv_heads, rows, device=device)
-    out = torch.zeros(kv_heads, rows, parts[0].values.shape[-1], device=device)
-    for part in parts:
-        weights = torch.exp(part.logits - (top if part.heads is None else top[part.heads])[..., None])
-        p = weights.to(part.values.dtype)
-        if part.values.dim() == 2:  # shared values (n, D)
-            mixed = (p.reshape(-1, p.shape[-1]) @ part.values).view(*p.shape[:2], -1)
-        else:
-            mixed = torch.bmm(p, part.values)
-        if part.heads is None:
-            total += weights.sum(-1)
-            out += mixed.float()
-        else:
-            total.index_add_(0, part.heads, weights.sum(-1))
-            out.index_add_(0, part.heads, mixed.float())
-    return out / total[..., None]
-
-
-def attend_layer(layer, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, int]:
-    """Attention of ``query`` over a compressed layer (prefix + retrieved + recent entries).
+def decode_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scaling: float,
+                pool: PoolStep | None = None, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token's attention over a compressed layer, retrieval included (a pure function of
+    tensors: ``torch.compile(fullgraph=True)`` traces it).
 
     Args:
-        layer: a compressed :class:`~hybridkv.cache.CompressedLayer` (batch 1).
-        query: (1, Hq, Q, D) queries after RoPE; the Q newest recent tokens are their own.
-        scaling: softmax scale.
+        query: (B, Hq, 1, D) after RoPE. keys / values: (B, H, capacity, D) the layer's buffers;
+            the retrieval slots are written in place. bias: (B, H, 1, capacity).
+        pool: the layer's retrieval step (:meth:`~hybridkv.cache.ChunkPool.step`), or None.
+        stored: attend the first ``stored`` columns only (None: the whole buffer, whose unused
+            columns have a ``-inf`` bias; the compiled step does so, keeping shapes static).
     Returns:
-        ((1, Q, Hq, D) output in the query dtype, total entries attended summed over KV heads).
+        ((B, 1, Hq, D) output in the query's dtype, the picked chunks or None).
     """
-    _, hq, q_len, dim = query.shape
-    kv_heads = layer.kv_heads
+    batch, hq, _, dim = query.shape
+    grouped = query.view(batch, keys.shape[1], hq // keys.shape[1], dim)  # (B, H, G, D)
+    chunks = retrieve(keys, values, grouped, pool) if pool is not None else None
+    if stored is not None:
+        keys, values, bias = keys[:, :, :stored], values[:, :, :stored], bias[..., :stored]
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scaling)
+    return out.view(batch, 1, hq, dim), chunks
+
+
+def segment_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, stored: int,
+                      scaling: float, retriever=None) -> torch.Tensor:
+    """Attention of a multi-token forward's queries over a compressed layer.
+
+    The Q queries are the last Q stored columns; query ``i`` sees every attendable kept entry
+    and the uncompressed columns up to its own. One retrieval for the whole forward (the bound
+    is the max over all its query rows).
+
+    Args:
+        query: (B, Hq, Q, D). keys / values: (B, H, capacity, D) the layer's buffers.
+        bias: (B, H, 1, capacity). stored: the columns in use.
+    Returns:
+        (B, Q, Hq, D).
+    """
+    batch, hq, q_len, dim = query.shape
+    kv_heads, n = keys.shape[1], stored
     group = hq // kv_heads
-    q = query[0]  # (Hq, Q, D)
-    if layer.observer is not None:
-        layer.observer(q, layer)
-    q_grouped = q.reshape(kv_heads, group * q_len, dim)  # rows (g, q) per KV head
-    recent_k, recent_v = layer.recent()  # (1, Hkv, T, D)
-    recent = _block(q_grouped, recent_k[0], recent_v[0], scaling)
-    t_len = recent_k.shape[-2]
-    if q_len > 1:  # query i sits at recent slot t_len - q_len + i; rows are ordered (g, q)
-        query_slot = torch.arange(t_len - q_len, t_len, device=q.device).repeat(group)  # (R,)
-        future = torch.arange(t_len, device=q.device)[None, :] > query_slot[:, None]
-        recent.logits = recent.logits.masked_fill(future, float("-inf"))
-    parts = [recent]
-    keys, values = layer.prefix_keys, layer.prefix_values
-    if layer.uniform:  # sorted by head: a free (Hkv, n, D) view
-        parts.append(_block(q_grouped, keys.view(kv_heads, -1, dim), values.view(kv_heads, -1, dim), scaling))
-    elif keys.shape[0]:
-        tiled = layer.tile_heads.shape[0] * layer.tile_rows
-        if tiled:
-            parts.append(_block(q_grouped, keys[:tiled].view(-1, layer.tile_rows, dim),
-                                values[:tiled].view(-1, layer.tile_rows, dim), scaling, layer.tile_heads))
-        if keys.shape[0] > tiled:
-            parts.append(_shared(q_grouped, keys[tiled:], values[tiled:], layer.prefix_heads[tiled:], scaling))
-    if layer.retriever is not None:
-        heads, r_keys, r_values, valid = layer.retriever.retrieved(q)
-        if heads.numel() and r_keys.shape[1]:
-            parts.append(_block(q_grouped, r_keys, r_values, scaling, heads, valid))
-    out = merge(parts, kv_heads).to(query.dtype)  # (Hkv, R, D), rows (g, q)
-    attended = sum(part.entries for part in parts)
-    return out.reshape(1, hq, q_len, dim).transpose(1, 2), attended
+    if retriever is not None:
+        retriever.fill(keys, values, query.reshape(batch, kv_heads, group * q_len, dim))
+    keys, values, bias = keys[:, :, :n], values[:, :, :n], bias[..., :n]
+    rows = max(1, MASK_BYTES // (batch * hq * n * bias.element_size()))
+    columns = torch.arange(n, device=keys.device)
+    out = []
+    for first in range(0, q_len, rows):
+        last = min(first + rows, q_len)
+        block = query[:, :, first:last].reshape(batch, kv_heads, group * (last - first), dim)  # rows (g, q)
+        seen = n - q_len + torch.arange(first, last, device=keys.device)  # each query's own column
+        future = (columns[None, :] > seen[:, None]).repeat(group, 1)  # (G * rows, n)
+        mask = bias.masked_fill(future, float("-inf"))  # (B, H, G * rows, n)
+        part = F.scaled_dot_product_attention(block, keys, values, attn_mask=mask, scale=scaling)
+        out.append(part.view(batch, hq, last - first, dim))
+    return torch.cat(out, dim=2).transpose(1, 2)
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scaling: float) -> torch.Tensor:
+    """Causal attention of a fresh prompt over its own tokens: (B, Hq, L, D) -> (B, L, Hq, D).
+
+    Args:
+        mask: (B, 1, L, L) bool (True: attend) when the batch has padding, else None.
+    """
+    if mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.device), scale=scaling,
+                                             enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def hybridkv_attention(
@@ -153,26 +113,27 @@ def hybridkv_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The ``AttentionInterface`` entry point: (1, Hq, Q, D) queries -> (1, Q, Hq, D) output.
+    """The ``AttentionInterface`` entry point: (B, Hq, Q, D) queries -> (B, Q, Hq, D) output.
 
     The parameter order is transformers' own (``sdpa_attention_forward``): wrappers such as
-    kvpress's attention patch pass ``dropout`` positionally.
-
-    ``key``/``value`` are what the cache layer's ``update`` returned; the layer itself (found
-    through the engine attached to ``module``) is the source of truth.
+    kvpress's attention patch pass ``dropout`` positionally. ``key``/``value`` are what the
+    cache layer's ``update`` returned; the layer (found through the engine attached to
+    ``module``) is the source of truth for everything else.
     """
     engine = module._hybridkv_engine
-    layer = engine.layer(module.layer_idx)
+    layer = engine.layers[module.layer_idx]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if not layer.compressed:
-        if key.shape[-2] != query.shape[-2]:
-            raise RuntimeError("hybridkv: the first forward of a prompt must prefill it whole (no chunked prefill).")
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        engine.compress_layer(module.layer_idx, query[0], scaling, layer)
-        return out.transpose(1, 2).contiguous(), None
-    out, attended = attend_layer(layer, query, scaling)
-    engine.record_step(module.layer_idx, attended, query.shape[-2])
-    return out.contiguous(), None
+    q_len = query.shape[-2]
+    if layer.observer is not None:
+        layer.observer(query, layer)
+    if layer.stored == q_len:
+        out = prefill_attention(query, key, value, engine.prefill_mask, scaling)
+    elif q_len == 1:
+        out = engine.decode(layer, query, scaling)
+    else:
+        out = segment_attention(query, layer.keys, layer.values, layer.bias, layer.stored, scaling, layer.retriever)
+    engine.after_attention(module.layer_idx, query, scaling)
+    return out, None
 
 
 AttentionInterface.register(ATTENTION_NAME, hybridkv_attention)

@@ -1,9 +1,9 @@
 """Side-by-side memory and decode-speed measurement of KV methods (used by ``benchmarks/`` and
 ``hybridkv bench``).
 
-Every method runs on the same model and prompt in one process: a prefill, then greedy
-decoding steps timed one by one (positions from the cache's length, as in a serving loop);
-the median step time is reported. Bytes held are counted from the cache's tensor storages.
+Every method runs on the same model and prompt in one process: ``generate()`` with every
+decoding step stamped (:mod:`hybridkv.step_timer`); the median step time is reported. Bytes
+held are counted from the cache's tensor storages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import csv
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,39 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from hybridkv.methods.base import Method
-
-
-def timed_decode(
-    model: torch.nn.Module, inputs: dict, new_tokens: int, tail_tokens: int = 0
-) -> tuple[float, list[float], DynamicCache, list[int]]:
-    """Prefill ``inputs`` once, then ``new_tokens`` greedy steps, each timed alone.
-
-    Args:
-        tail_tokens: trailing prompt tokens fed in one forward after the (compressed) prefill
-            of the rest, so the first generated token reads the compressed cache; the prefill
-            time includes them.
-
-    Returns:
-        (prefill seconds, per-step decode milliseconds, the cache, the generated ids).
-    """
-    from hybridkv.harness import split_tail
-
-    prefix, tail = split_tail(model, inputs, tail_tokens)
-    cache = DynamicCache()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(**prefix, past_key_values=cache, use_cache=True)
-        if tail is not None:
-            out = model(input_ids=tail[None], past_key_values=cache, use_cache=True)
-        prefill = time.perf_counter() - start
-        steps, tokens = [], []
-        for _ in range(new_tokens):
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(int(token))
-            start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            steps.append(1000 * (time.perf_counter() - start))
-    return prefill, steps, cache, tokens
+from hybridkv.step_timer import timed_generate
 
 
 def dynamic_cache_bytes(cache: DynamicCache) -> int:
@@ -89,12 +56,14 @@ def measure(
         prefills, steps = [], []
         for _ in range(repeats):
             if method is None:
-                prefill, ms, cache, _ = timed_decode(model, inputs, new_tokens)
+                run = timed_generate(model, inputs, new_tokens)
+                cache = run.cache
             else:
-                with method.apply(model):
-                    prefill, ms, cache, _ = timed_decode(model, inputs, new_tokens)
-            prefills.append(prefill)
-            steps += ms
+                with method.apply(model) as engine:
+                    run = timed_generate(model, inputs, new_tokens)
+                    head_dim, element = engine.layers[0].head_dim, engine.layers[0].dtype.itemsize
+            prefills.append(run.prefill_s)
+            steps += run.step_ms
         row = {"method": name, "budget": getattr(method, "budget", None), "prompt_tokens": prompt,
                "new_tokens": new_tokens}
         if method is None:
@@ -103,8 +72,7 @@ def measure(
                        attended_tokens_per_step=cache.get_seq_length())
         else:
             report = method.report
-            layer = cache.layers[0]
-            flat, padded = prompt_kv_bytes(report.head_budgets, layer.head_dim, layer.dtype.itemsize)
+            flat, padded = prompt_kv_bytes(report.head_budgets, head_dim, element)
             row.update(resident_kv_bytes=report.resident_kv_bytes, offloaded_kv_bytes=report.offloaded_kv_bytes,
                        full_kv_bytes=report.full_kv_bytes, prompt_kv_flat_bytes=flat, prompt_kv_padded_bytes=padded,
                        attended_tokens_per_step=round(report.attended_tokens_per_step, 1))

@@ -24,6 +24,22 @@ class Allocation:
     total: int
 
 
+def tokens_per_head(budget: float | int, prompt_len: int, first: bool = True) -> int:
+    """Average kept tokens per KV head for ``budget`` on a segment of ``prompt_len`` tokens.
+
+    An int budget larger than the prompt is refused (``first``: the prompt) or capped at the
+    segment (a later turn).
+    """
+    if isinstance(budget, float):
+        return max(1, min(prompt_len, round(budget * prompt_len)))
+    if budget > prompt_len and first:
+        raise ValueError(
+            f"budget={budget} tokens per KV head exceeds the prompt ({prompt_len} tokens): "
+            "use a smaller int budget or a fraction such as 0.1."
+        )
+    return max(1, min(budget, prompt_len))
+
+
 class BudgetTooSmallError(ValueError):
     """The budget cannot hold the tokens every head must keep (sinks, prompt text, recent window)."""
 

@@ -12,10 +12,18 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 VISUAL_TASKS = ("visual-needle", "visual-cell_colour", "visual-cell_shape", "visual-count")
 
 
-def _dtype(name: str):
-    import torch
+def _placement(args: argparse.Namespace) -> dict:
+    """``dtype=`` / ``device=`` keyword arguments of the loaders from ``--dtype`` / ``--device``."""
+    from hybridkv.device import DTYPES, resolve_device
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return {"dtype": DTYPES[args.dtype], "device": resolve_device(args.device)}
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    from hybridkv.device import DTYPES
+
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: CUDA when available)")
 
 
 def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[float], seeds: list[int]):
@@ -35,13 +43,13 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from hybridkv.data.visual_eval import visual_tasks
         from hybridkv.models.tiny_vlm import load_tiny_vlm
 
-        model, tokenizer, processor = load_tiny_vlm()
+        model, tokenizer, processor = load_tiny_vlm(**_placement(args))
         tasks = visual_tasks(tokenizer, processor, ["needle", "cell_colour"], (args.samples + 1) // 2, "validation")
         samples = [t.inputs() for t in tasks]
     else:
         from hybridkv.models.loading import load_model
 
-        model, tokenizer = load_model(args.model, _dtype(args.dtype))
+        model, tokenizer = load_model(args.model, **_placement(args))
         depths = [(i + 0.5) / args.samples for i in range(args.samples)]
         samples = [{**t.inputs(), "query_tokens": t.query_tokens}
                    for t in _text_tasks(tokenizer, ["needle"], [args.length], depths, [1000])]
@@ -56,7 +64,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Methods x budgets on long-text retrieval or visual questions (resumable), table + CSV/JSON + PNG."""
     from hybridkv import evaluation
-    from hybridkv.profile import HeadProfile
+    from hybridkv.head_profile import HeadProfile
+    from hybridkv.methods.registry import needs_profile
 
     visual = [t for t in args.task if t in VISUAL_TASKS]
     if visual and len(visual) != len(args.task):
@@ -67,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         if args.model != "tiny-vlm":
             raise SystemExit("visual tasks run on the bundled model: --model tiny-vlm")
-        model, tokenizer, processor = load_tiny_vlm()
+        model, tokenizer, processor = load_tiny_vlm(**_placement(args))
         kinds = [t.replace("visual-", "") for t in visual]
         tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, num_images=args.images or None,
                              protocol=args.protocol)
@@ -77,12 +86,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         from hybridkv.models.loading import load_model
 
-        model, tokenizer = load_model(args.model, _dtype(args.dtype))
+        model, tokenizer = load_model(args.model, **_placement(args))
         kinds = args.task
         tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
         title = "retrieval accuracy"
     profile = HeadProfile.load(args.profile) if args.profile else None
-    methods = [m for m in args.methods if profile is not None or m.split(":")[0] not in evaluation._NEED_PROFILE]
+    methods = [m for m in args.methods if profile is not None or not needs_profile(m)]
     skipped = sorted(set(args.methods) - set(methods))
     if skipped:
         print(f"no --profile: skipping {', '.join(skipped)}", file=sys.stderr)
@@ -94,13 +103,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """One prompt through one method; prints the answer and the cache report."""
     import torch
 
-    from hybridkv.evaluation import make_method
+    from hybridkv.head_profile import HeadProfile
+    from hybridkv.methods import make_method
     from hybridkv.models.loading import load_model
-    from hybridkv.profile import HeadProfile
 
-    model, tokenizer = load_model(args.model, _dtype(args.dtype))
+    model, tokenizer = load_model(args.model, **_placement(args))
     method = make_method(args.method, args.budget, HeadProfile.load(args.profile) if args.profile else None)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     with torch.inference_mode(), method.apply(model, query_tokens=args.query_tokens):
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -114,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hybridkv.demo import run_demo
 
     run_demo(args.model, args.image, args.prompt, args.budget, args.images, args.seed, args.new_tokens, args.out,
-             args.profile)
+             args.profile, **_placement(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--profile", help="head profile JSON (default: the bundled model's, else online)")
     p.add_argument("--out", default="hybridkv_demo.png", help="kept-token picture")
+    _add_placement(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="classify KV heads static/dynamic (stage 1) -> JSON + PNG heat map")
@@ -155,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--max-dynamic-share", type=float, default=0.5)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_placement(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("eval", help="methods x budgets on long-text retrieval or visual questions (resumable)")
@@ -177,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
     p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_placement(p)
     p.add_argument("--out", default="results/quality")
     p.set_defaults(func=cmd_eval)
 
@@ -195,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile")
     p.add_argument("--query-tokens", type=int)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_placement(p)
     p.set_defaults(func=cmd_generate)
     return parser
 

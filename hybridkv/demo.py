@@ -15,39 +15,42 @@ prefill, identical for every method, and the side-by-side would show nothing.
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from hybridkv.bench import timed_decode
 from hybridkv.data.visual_eval import tail_length
+from hybridkv.device import device_name
+from hybridkv.head_profile import HeadProfile
 from hybridkv.methods import FullKV, HybridKV
 from hybridkv.methods.base import Method
-from hybridkv.profile import HeadProfile
+from hybridkv.step_timer import timed_generate
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 @dataclass
 class DemoRun:
-    """One method's result: answer text, report, median decode ms/token."""
+    """One method's result: answer text, report, median decode ms/token and, for the picture,
+    the (layer, head) of a static and a dynamic head with the positions each holds and retrieved."""
 
     name: str
     answer: str
     report: object
     ms_per_token: float
+    heads: tuple = (None, None)
+    held: dict = field(default_factory=dict)
 
 
-def load_demo_model(model_path: str | None):
+def load_demo_model(model_path: str | None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer, image_processor, chat_prefix): the bundled VLM, or a Qwen2.5-VL checkpoint."""
     if model_path is None:
         try:
             from hybridkv.models.tiny_vlm import load_tiny_vlm
 
-            return (*load_tiny_vlm(), "")
+            return (*load_tiny_vlm(dtype=dtype, device=device), "")
         except (ImportError, OSError) as error:
             raise SystemExit(
                 f"the bundled tiny VLM is not available in this install ({error}); "
@@ -55,7 +58,8 @@ def load_demo_model(model_path: str | None):
             ) from error
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_path, attn_implementation="sdpa").eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_path), Qwen2VLImageProcessor.from_pretrained(model_path), QWEN_SYSTEM
 
 
@@ -71,35 +75,21 @@ def build_prompt(tokenizer, image_processor, images: list[Image.Image], question
             "image_grid_thw": vision["image_grid_thw"]}
 
 
-def run_method(model, tokenizer, inputs: dict, name: str, method: Method, new_tokens: int) -> DemoRun:
-    """Greedy answer under ``method`` with each decoding step timed; the assistant header is fed
-    after compression."""
+def run_method(model, tokenizer, inputs: dict, name: str, method: Method, new_tokens: int,
+               picture: bool = False) -> DemoRun:
+    """Greedy answer under ``method`` with each decoding step timed inside ``generate()``; the
+    assistant header is fed after compression. With ``picture``, also the prompt positions one
+    static and one dynamic head hold (and retrieved at the last step)."""
     header = tail_length(tokenizer, inputs["input_ids"], "answer-after")
-    with method.apply(model):
-        _, steps, _, tokens = timed_decode(model, inputs, new_tokens, tail_tokens=header)
+    with method.apply(model) as engine:
+        run = timed_generate(model, inputs, new_tokens, tail_tokens=header)
+        report = engine.report
+        heads = pick_heads(report) if picture else (None, None)
+        held = {head: engine.layers[head[0]].row_positions(0, head[1]) for head in heads if head is not None}
+    tokens = run.tokens[0].tolist()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-    return DemoRun(name, tokenizer.decode(tokens, skip_special_tokens=True).strip(), method.report,
-                   statistics.median(steps))
-
-
-def held_positions(method: HybridKV, layer: int, head: int) -> tuple[set[int], set[int]]:
-    """(prompt positions held by one KV head in all tiers, positions it retrieved at the last step)."""
-    cache_layer = method._engine.cache.layers[layer]
-    held = set(cache_layer.prefix_positions[cache_layer.prefix_heads == head].tolist())
-    retrieved: set[int] = set()
-    retriever = cache_layer.retriever
-    if retriever is not None:
-        free = (~method.protected).nonzero().flatten().tolist()  # chunks are runs of unprotected positions
-        index = {position: i for i, position in enumerate(free)}
-        chosen = set(retriever.last_selected.tolist())
-        for chunk in (retriever.chunk_heads == head).nonzero().flatten().tolist():
-            at = index[int(retriever.chunk_starts[chunk])]
-            positions = set(free[at : at + retriever.chunk_size])
-            held |= positions
-            if chunk in chosen:
-                retrieved |= positions
-    return held, retrieved
+    return DemoRun(name, tokenizer.decode(tokens, skip_special_tokens=True).strip(), report, run.median_ms, heads, held)
 
 
 def pick_heads(report) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -114,7 +104,7 @@ def pick_heads(report) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     return static, (dynamic[0] if dynamic else None)
 
 
-def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, merge: int, method: HybridKV,
+def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, merge: int, run: DemoRun,
                 path: str | Path) -> None:
     """Images in a row; per picked head a row with its held (and retrieved) visual tokens shaded."""
     import matplotlib
@@ -126,12 +116,12 @@ def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, me
     ids = inputs["input_ids"][0]
     visual = (ids == image_token_id).nonzero().flatten().tolist()
     grids = [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
-    static, dynamic = pick_heads(method.report)
+    static, dynamic = run.heads
     heads = [(f"static head L{static[0]}H{static[1]}", static)] if static else []
     heads += [(f"dynamic head L{dynamic[0]}H{dynamic[1]}", dynamic)] if dynamic else []
     fig, axes = plt.subplots(len(heads), len(images), figsize=(1.8 * len(images), 2.0 * len(heads)), squeeze=False)
-    for row, (title, (layer, head)) in enumerate(heads):
-        held, retrieved = held_positions(method, layer, head)
+    for row, (title, head_of_layer) in enumerate(heads):
+        held, retrieved = run.held[head_of_layer]
         offset = 0
         for col, (image, (gh, gw)) in enumerate(zip(images, grids)):
             ax = axes[row][col]
@@ -156,9 +146,10 @@ def overlay_png(images: list[Image.Image], inputs: dict, image_token_id: int, me
 
 def run_demo(model_path: str | None = None, image_paths: list[str] | None = None, prompt: str | None = None,
              budget: float = 0.1, num_images: int = 16, seed: int = 0, new_tokens: int = 4,
-             out: str | Path = "hybridkv_demo.png", profile: str | None = None) -> tuple[DemoRun, DemoRun]:
+             out: str | Path = "hybridkv_demo.png", profile: str | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> tuple[DemoRun, DemoRun]:
     """Run the demo and print its summary; returns the (FullKV, HybridKV) runs."""
-    model, tokenizer, image_processor, chat_prefix = load_demo_model(model_path)
+    model, tokenizer, image_processor, chat_prefix = load_demo_model(model_path, dtype, device)
     expected = None
     if image_paths:
         images = [Image.open(p).convert("RGB") for p in image_paths]
@@ -168,12 +159,14 @@ def run_demo(model_path: str | None = None, image_paths: list[str] | None = None
 
         sample = make_sample("needle", split_seeds("test", seed + 1)[seed], num_images=num_images)
         images, question, expected = sample.images(), prompt or sample.question, sample.answer
-    inputs = build_prompt(tokenizer, image_processor, images, question, chat_prefix)
+    inputs = {k: v.to(model.device) for k, v in build_prompt(tokenizer, image_processor, images, question,
+                                                             chat_prefix).items()}
     head_profile = HeadProfile.load(profile) if profile else _bundled_profile(model_path)
     full = run_method(model, tokenizer, inputs, "FullKV", FullKV(), new_tokens)
     method = HybridKV(budget, profile=head_profile)
-    hybrid = run_method(model, tokenizer, inputs, f"HybridKV@{budget}", method, new_tokens)
-    print(f"prompt: {inputs['input_ids'].shape[1]} tokens, {len(images)} images, "
+    hybrid = run_method(model, tokenizer, inputs, f"HybridKV@{budget}", method, new_tokens, picture=True)
+    print(f"model on {device_name(model.device)}, {dtype}; prompt: {inputs['input_ids'].shape[1]} tokens, "
+          f"{len(images)} images, "
           f"{hybrid.report.visual_tokens} visual tokens; question: {question!r}"
           + (f" (expected: {expected})" if expected else ""))
     for run in (full, hybrid):
@@ -183,8 +176,11 @@ def run_demo(model_path: str | None = None, image_paths: list[str] | None = None
     types = [t for row in hybrid.report.head_types for t in row]
     print(f"HybridKV heads ({hybrid.report.profile_source} profile): {types.count('static')} static, "
           f"{types.count('dynamic')} dynamic")
-    overlay_png(images, inputs, model.config.image_token_id, image_processor.merge_size, method, out)
-    print(f"kept-token picture: {out}")
+    try:
+        overlay_png(images, inputs, model.config.image_token_id, image_processor.merge_size, hybrid, out)
+        print(f"kept-token picture: {out}")
+    except ImportError:
+        print("kept-token picture skipped: it needs matplotlib (pip install 'hybridkv[plot]')")
     return full, hybrid
 
 

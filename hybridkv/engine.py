@@ -5,42 +5,116 @@
    (the vision tower keeps its own implementation);
 2. installs a forward pre-hook on the model that, at the first forward of every prompt, puts
    fresh :class:`~hybridkv.cache.CompressedLayer` objects into the ``Cache`` transformers
-   passes (``generate()``'s own ``DynamicCache`` or the user's), finds the modality spans and
-   checks the input (batch size 1, no padding);
-3. at the end of each layer's prefill, hands the layer to ``method.compress``;
-4. counts attended tokens per decoding step for the report.
-Leaving the context restores the attention implementation and removes every hook, so
-``generate()`` afterwards runs plain.
+   passes (``generate()``'s own ``DynamicCache`` or the user's) and, at every multi-token
+   forward, finds what is to be compressed: the *segment* of every sequence (its real tokens,
+   its modality spans, the method's :class:`~hybridkv.methods.base.Plan` for it);
+3. at the end of each layer's attention in such a forward, asks the method for a decision per
+   sequence and compacts the layer (the prompt at the end of its prefill; a later turn — new
+   text, new images — into the same cache when it holds visual tokens or at least
+   ``min_turn_tokens`` tokens);
+4. counts attended entries per step on the host (no synchronisation) for the report.
+
+The engine owns every per-prompt state (plans, spans, counters); the method is configuration.
+Leaving the context freezes the report (``method.report``), restores the attention
+implementation, removes every hook and drops every reference to the cache; a cache compressed
+inside the block refuses to be used after it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from hybridkv import attention
-from hybridkv.cache import CompressedLayer, held_bytes
-from hybridkv.methods.base import LayerContext, Method, tokens_per_head
+import hybridkv.attention as attention
+from hybridkv.budget import tokens_per_head
+from hybridkv.cache import ChunkPool, CompressedLayer, ForwardBias, HeadChunks, held_bytes, merge_heads
+from hybridkv.cache.chunk_pool import IN_ROW_SLACK
+from hybridkv.decisions import LayerContext, Plan
 from hybridkv.models.architectures import attention_modules, model_spec, text_config
 from hybridkv.report import CacheReport
 from hybridkv.spans import PromptSpans, find_spans
 
+if TYPE_CHECKING:  # the methods import the engine (Method.apply), not the other way round
+    from hybridkv.methods.base import Method
+
+Columns = slice | torch.Tensor
+"""Positions of a sequence's real tokens: a slice when they are contiguous, else an index tensor."""
+
+
+@dataclass
+class RowSegment:
+    """What one sequence compresses in one compression event.
+
+    Attributes:
+        columns: its real columns in the layer's uncompressed region.
+        query_rows: its real tokens among the forward's Q queries.
+        spans: modality spans of the real tokens. tokens_per_head: the budget for them.
+        plan: the method's plan for them.
+    """
+
+    columns: Columns
+    query_rows: Columns
+    spans: PromptSpans
+    tokens_per_head: int
+    plan: Plan
+
+
+def _real(mask_row: torch.Tensor | None, length: int) -> Columns:
+    """Columns of the real (mask 1) tokens of one row: a slice when they are contiguous."""
+    if mask_row is None:
+        return slice(0, length)
+    real = mask_row.nonzero().flatten()
+    if real.numel() and int(real[-1] - real[0]) + 1 == real.numel():
+        return slice(int(real[0]), int(real[-1]) + 1)
+    return real
+
+
+def _count(columns: Columns) -> int:
+    return columns.stop - columns.start if isinstance(columns, slice) else columns.numel()
+
 
 class Engine:
-    """Context manager binding one :class:`~hybridkv.methods.base.Method` to one model."""
+    """Context manager binding one :class:`~hybridkv.methods.base.Method` to one model.
 
-    def __init__(self, model: torch.nn.Module, method: Method, query_tokens: int | None = None) -> None:
+    Args:
+        model: a supported model. method: the method (configuration).
+        query_tokens: text prompts: trailing prompt tokens that form the question.
+        compile: compile each layer's decoding step with ``torch.compile(fullgraph=True)``.
+        min_turn_tokens: a later multi-token forward is compressed when it holds visual tokens
+            or at least this many tokens.
+
+    Attributes:
+        layers: the current prompt's compressed layers (None outside a prompt).
+        prefill_mask: (B, 1, L, L) bool causal mask of a padded fresh prompt, else None.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: Method, query_tokens: int | None = None,
+                 compile: bool = False, min_turn_tokens: int = 256) -> None:
         self.spec = model_spec(model)
         if query_tokens is not None and (isinstance(query_tokens, bool) or not isinstance(query_tokens, int)):
             raise TypeError(f"query_tokens must be an int number of trailing prompt tokens, got {query_tokens!r}.")
+        if isinstance(min_turn_tokens, bool) or not isinstance(min_turn_tokens, int) or min_turn_tokens < 1:
+            raise ValueError(f"min_turn_tokens must be an int >= 1, got {min_turn_tokens!r}.")
         self.model, self.method, self.query_tokens = model, method, query_tokens
+        self.min_turn_tokens = min_turn_tokens
         self.modules = attention_modules(model)
+        self.compiled = compile
+        self._step = attention.decode_step
+        if compile:
+            self._step = torch.compile(attention.decode_step, fullgraph=True, dynamic=True)
         self.cache: Cache | None = None
-        self.spans: PromptSpans | None = None
+        self.layers: list[CompressedLayer] | None = None
+        self.prefill_mask: torch.Tensor | None = None
+        self.forward_bias = ForwardBias()
+        self._segments: list[RowSegment] | None = None  # the current forward's compression, if any
+        self._history: list[list[RowSegment]] = []  # every compression of the prompt
+        self._frozen: CacheReport | None = None
         self._hook = None
         self._saved_impl: str | None = None
-        self._steps = 0
-        self._attended = 0
+        self._attended = self._steps = self._prompt_width = 0
 
     # ----------------------------------------------------------------- context manager
     def __enter__(self) -> Engine:
@@ -56,7 +130,7 @@ class Engine:
         for module in self.modules:
             module._hybridkv_engine = self
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self.method._engine = self
+        self.method.publish(self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -65,44 +139,175 @@ class Engine:
         for module in self.modules:
             del module._hybridkv_engine
         del self.model._hybridkv_engine
+        self._end_prompt()
+        self.method.publish(self._frozen)
+
+    @property
+    def report(self) -> CacheReport | None:
+        """The current prompt's report (computed now), or the one frozen when it ended."""
+        if self.layers is not None and self.layers[-1].compressions:
+            return self._build_report()
+        return self._frozen
 
     # ----------------------------------------------------------------- per forward
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Give every new prompt fresh compressed layers; check the cache of later steps."""
+        """Give every new prompt fresh compressed layers; find what this forward compresses."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        batch, length = (input_ids.shape if input_ids is not None else embeds.shape[:2])
-        if batch != 1:
-            raise ValueError(f"hybridkv supports batch size 1 for now (got {batch}); call generate() once per prompt.")
+        batch, q_len = (input_ids.shape if input_ids is not None else embeds.shape[:2])
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.all()):
-            raise ValueError("hybridkv does not support padded inputs yet: pass the prompt without padding.")
+        if isinstance(mask, torch.Tensor) and mask.ndim != 2:
+            raise ValueError("hybridkv needs the 2D (batch, tokens) attention mask of padding, not a 4D mask: it builds "
+                             "the per-head masks of the compressed cache itself.")
         cache = kwargs.get("past_key_values")
         if cache is None:
             if kwargs.get("use_cache") is False:
                 raise ValueError("hybridkv compresses the KV cache: call the model with use_cache=True.")
             cache = kwargs["past_key_values"] = DynamicCache(config=self.model.config)
         if cache.get_seq_length() == 0:
-            self._begin_prompt(cache, input_ids, length)
+            self._begin_prompt(cache, input_ids)
         elif cache is not self.cache:
             raise ValueError(
                 "this cache was filled outside the active hybridkv method; start from an empty cache "
                 "(or none) inside `with method.apply(model):`."
             )
+        elif batch != self.layers[0].batch:
+            raise ValueError(f"this forward has {batch} sequences but the cache holds {self.layers[0].batch}; feed "
+                             "every sequence of the batch (or use the cache's batch_select_indices first).")
+        self._begin_forward(input_ids, mask if isinstance(mask, torch.Tensor) else None, batch, q_len)
         return args, kwargs
 
-    def _begin_prompt(self, cache: Cache, input_ids: torch.Tensor | None, length: int) -> None:
+    def _begin_prompt(self, cache: Cache, input_ids: torch.Tensor | None) -> None:
         if self.spec.is_multimodal and input_ids is None:
             raise ValueError(
                 "hybridkv needs input_ids (not inputs_embeds) for a vision-language prompt to find its visual tokens."
             )
-        self.spans = find_spans(input_ids, length, self.spec, self.query_tokens)
-        self.tokens_per_head = tokens_per_head(self.method.budget, length)
-        cache.layers = [CompressedLayer(self.spec.num_kv_heads) for _ in range(self.spec.num_layers)]
+        self._end_prompt()
+        self.layers = [CompressedLayer(self.spec.num_kv_heads, self.forward_bias) for _ in range(self.spec.num_layers)]
+        cache.layers = self.layers
         cache.layer_class_to_replicate = None
         self.cache = cache
-        self._steps = self._attended = 0
-        self.method.begin_prompt(self.spec, self.spans, self.tokens_per_head)
+        self._history, self._attended, self._steps = [], 0, 0
+
+    def _end_prompt(self) -> None:
+        """Freeze the current prompt's report and let go of its cache."""
+        if self.layers is None:
+            return
+        if self.layers[-1].compressions:
+            self._frozen = self._build_report()
+        for layer in self.layers:
+            layer.detached = True
+        self.cache = self.layers = None
+        self._segments, self._history, self.prefill_mask = None, [], None
+
+    def _begin_forward(self, input_ids: torch.Tensor | None, mask: torch.Tensor | None, batch: int, q_len: int) -> None:
+        """Set the new tokens' bias; for a multi-token forward (or a prompt), decide what it compresses."""
+        self.forward_bias.set(mask, batch, q_len, self.model.dtype, self.model.device)
+        first = self.layers[0]
+        fresh = first.seen == 0
+        self._segments, self.prefill_mask = None, None
+        if not fresh and q_len == 1:
+            return
+        if fresh and mask is not None and not bool(mask.all()):
+            real = mask.to(torch.bool)
+            causal = torch.ones(q_len, q_len, dtype=torch.bool, device=real.device).tril()
+            eye = torch.eye(q_len, dtype=torch.bool, device=real.device)  # padded rows see themselves: no NaN
+            self.prefill_mask = ((causal & real[:, None, None, :]) | eye).to(self.model.device)
+        if fresh:
+            self._prompt_width = q_len  # the (padded) prompt
+        earlier = 0 if fresh else first.stored - first.kept_width  # uncompressed tokens before this forward
+        segments = []
+        for b in range(batch):
+            columns = _real(None if mask is None else mask[b, -(earlier + q_len):], earlier + q_len)
+            rows = _real(None if mask is None else mask[b, -q_len:], q_len)
+            ids = None
+            if input_ids is not None:
+                ids = torch.cat([torch.full((earlier,), -1, dtype=input_ids.dtype, device=input_ids.device), input_ids[b]])
+                ids = ids[columns][None]
+            length = _count(columns)
+            spans = find_spans(ids, length, self.spec, self.query_tokens if fresh else None)
+            if not fresh and spans.visual_tokens == 0 and length < self.min_turn_tokens:
+                return  # a short text-only turn (e.g. a prompt tail): attended, not compressed
+            budget = tokens_per_head(self.method.budget, length, first=fresh)
+            segments.append(RowSegment(columns, rows, spans, budget, self.method.plan(self.spec, spans, budget)))
+        self._segments = segments
+        self._history.append(segments)
+
+    # ----------------------------------------------------------------- called by attention
+    def decode(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decoding step of ``layer``: (B, Hq, 1, D) -> (B, 1, Hq, D).
+
+        Eager, the attention reads the stored columns only; compiled, it reads the whole buffer
+        (shapes change only when the layer grows; unused columns have a ``-inf`` bias). A host
+        store picks its chunks outside the step (its copy needs the picks on the host).
+        """
+        retriever = layer.retriever
+        pool = None
+        if retriever is not None:
+            if retriever.store == "host":
+                retriever.fill(layer.keys, layer.values, query.view(layer.batch, layer.kv_heads, -1, query.shape[-1]))
+            else:
+                pool = retriever.step(layer.keys.shape[2])
+        stored = None if self.compiled else layer.stored
+        out, chunks = self._step(query, layer.keys, layer.values, layer.bias, scaling, pool, stored)
+        if chunks is not None:
+            retriever.last_picks = chunks
+        return out
+
+    def after_attention(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Count this forward's attended entries; compress the layer if the forward is a compression event.
+
+        Args:
+            query: (B, Hq, Q, D) the forward's queries after RoPE.
+        """
+        layer = self.layers[layer_idx]
+        q_len = query.shape[-2]
+        if layer.stored != q_len or layer.compressions:  # attended through a compressed layer
+            self._steps += q_len
+            self._attended += q_len * (layer.kept_attended + layer.batch * layer.kv_heads * (layer.stored - layer.kept_width))
+        if self._segments is not None:
+            self.compress_layer(layer_idx, query, scaling)
+
+    def compress_layer(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """Let the method decide, per sequence, what the layer keeps of its uncompressed region,
+        then compact the layer (and give it a retrieval pool when heads retrieve)."""
+        layer = self.layers[layer_idx]
+        seg_keys, seg_values = layer.segment()  # (B, H, S, D)
+        keep = torch.zeros(seg_keys.shape[:3], dtype=torch.bool, device=seg_keys.device)
+        chunks: list[list[HeadChunks]] = []
+        store, observer = "device", None
+        for b, row in enumerate(self._segments):
+            keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
+            ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
+                               row.tokens_per_head)
+            decision = self.method.compress(ctx, row.plan)
+            keep[b][:, row.columns] = decision.keep
+            columns = torch.arange(seg_keys.shape[2], device=keys.device)[row.columns]
+            chunks.append([HeadChunks(r.head, keys[r.head][r.positions], values[r.head][r.positions],
+                                      (layer.first_uncompressed + columns[r.positions]).to(torch.int32), r.select)
+                           for r in decision.chunks])
+            store, observer = decision.store, decision.observer
+        if layer.retriever is not None:
+            old = layer.retriever.head_chunks(layer.keys, layer.values)
+            chunks = [before + now for before, now in zip(old, chunks)]
+        rows = merge_heads(chunks)
+        slots = pooled = None
+        if any(rows):
+            slots = torch.zeros(layer.batch, layer.kv_heads, dtype=torch.long)
+            pooled = torch.zeros_like(slots)
+            for b, row in enumerate(rows):
+                for item in row:
+                    slots[b, item.head] = item.select * item.keys.shape[1]
+                    pooled[b, item.head] = item.keys.shape[0] * item.keys.shape[1]
+            attended = keep.sum(-1).cpu() + (layer.kept_positions >= 0).sum(-1).cpu() + slots
+            if store != "device" or int((attended + pooled).max()) > IN_ROW_SLACK * int(attended.max()):
+                pooled = None  # the pools keep their own storage
+        start = layer.compact(keep, slots, pooled)
+        layer.retriever = None
+        if any(rows):
+            in_row = (layer.keys, layer.values) if pooled is not None else None
+            layer.retriever = ChunkPool(rows, layer.kv_heads, start, layer.kept_width - 1, store, in_row)
+        layer.observer = observer
 
     def cache_from_prefill(self, capture) -> DynamicCache:
         """A cache for the captured prompt, compressed by this engine's method layer by layer,
@@ -110,64 +315,63 @@ class Engine:
         every method, so the prefill's logits are shared too). Decode with it inside this context.
 
         Args:
-            capture: a :class:`hybridkv.harness.PrefillCapture` of the same model.
+            capture: a :class:`hybridkv.harness.PrefillCapture` of the same model (batch 1).
         """
         cache = DynamicCache()
-        self._begin_prompt(cache, capture.input_ids, capture.input_ids.shape[1])
+        ids = capture.input_ids
+        self._begin_prompt(cache, ids)
+        self._begin_forward(ids, None, 1, ids.shape[1])
         for idx, (queries, keys, values) in enumerate(capture.layers):
-            cache.layers[idx].update(keys[None], values[None])
-            self.compress_layer(idx, queries, capture.scaling, cache.layers[idx])
+            self.layers[idx].update(keys[None], values[None])
+            self.compress_layer(idx, queries[None], capture.scaling)
+        self._segments = None
         return cache
 
-    # ----------------------------------------------------------------- called by attention
-    def layer(self, layer_idx: int) -> CompressedLayer:
-        """The compressed layer ``layer_idx`` of the current prompt's cache."""
-        return self.cache.layers[layer_idx]
-
-    def compress_layer(self, layer_idx: int, queries: torch.Tensor, scaling: float, layer: CompressedLayer) -> None:
-        """Let the method compress ``layer`` (holding the whole prompt) once its prefill attention is done.
-
-        Args:
-            queries: (Hq, L, D) prompt queries after RoPE.
-        """
-        keys, values = layer.recent()
-        ctx = LayerContext(layer_idx, self.spec, queries, keys[0], values[0], scaling, self.spans, self.tokens_per_head)
-        self.method.compress(ctx, layer)
-
-    def record_step(self, layer_idx: int, attended: int, q_len: int) -> None:
-        """Count the entries attended (summed over KV heads) by one layer for ``q_len`` queries."""
-        self._steps += q_len
-        self._attended += attended * q_len
-
     # ----------------------------------------------------------------- report
-    def report(self) -> CacheReport | None:
-        """Figures of the current (last) prompt's cache."""
-        if self.cache is None or not self.cache.layers[-1].compressed:
-            return None
-        spec, layers = self.spec, self.cache.layers
-        seen = layers[0].seen
+    def _build_report(self) -> CacheReport:
+        """The report of the current prompt (synchronises: it reads tensors)."""
+        spec, layers = self.spec, self.layers
+        batch, seen = layers[0].batch, layers[0].seen
         element = layers[0].dtype.itemsize
         held = sum(sum(held_bytes(layer).values()) for layer in layers)
-        # A retriever that keeps its chunk pool in host memory says how many of those bytes it holds.
         offloaded = sum(getattr(layer.retriever, "offloaded_bytes", 0) for layer in layers)
-        stored = [layer.stored_per_head() for layer in layers]
-        extra = self.method.report_extra()
+        stored = [layer.stored_per_head() for layer in layers]  # (layers, B, H)
+        per_token = spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * element
+        attended = self._attended / max(1, self._steps) / (batch * spec.num_kv_heads)
+        first = self._history[0]
+        generated = seen - self._prompt_width
+        sequences = []
+        for b in range(batch):
+            row = first[b]
+            extra = row.plan.report_extra()
+            later = [segments[b].plan.report_extra() for segments in self._history[1:]]
+            if later:
+                extra["later_turns"] = later
+            heads = [layer_rows[b] for layer_rows in stored]
+            sequences.append(CacheReport(
+                method=type(self.method).__name__, budget=self.method.budget, batch_size=1,
+                prompt_tokens=row.spans.prompt_len, visual_tokens=row.spans.visual_tokens,
+                context_tokens=int(row.spans.context.sum()), query_tokens=row.spans.query_len,
+                query_source=row.spans.query_source, generated_tokens=generated,
+                full_kv_bytes=seen * per_token, resident_kv_bytes=(held - offloaded) // batch,
+                offloaded_kv_bytes=offloaded // batch, attended_tokens_per_step=attended,
+                layer_budgets=[sum(h) for h in heads], head_budgets=heads,
+                head_types=extra.pop("head_types", None), profile_source=extra.pop("profile_source", None),
+                compressions=len(self._history),
+                budget_exceeded_tokens=sum(sum(segments[b].plan.exceeded.values()) for segments in self._history),
+                extra=extra,
+            ))
+        if batch == 1:
+            return sequences[0]
+        total = [[sum(s.head_budgets[i][h] for s in sequences) for h in range(spec.num_kv_heads)]
+                 for i in range(spec.num_layers)]
         return CacheReport(
-            method=type(self.method).__name__,
-            budget=self.method.budget,
-            prompt_tokens=self.spans.prompt_len,
-            visual_tokens=self.spans.visual_tokens,
-            context_tokens=int(self.spans.context.sum()),
-            query_tokens=self.spans.query_len,
-            query_source=self.spans.query_source,
-            generated_tokens=seen - self.spans.prompt_len,
-            full_kv_bytes=seen * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * element,
-            resident_kv_bytes=held - offloaded,
-            offloaded_kv_bytes=offloaded,
-            attended_tokens_per_step=self._attended / max(1, self._steps) / spec.num_kv_heads,
-            layer_budgets=[sum(heads) for heads in stored],
-            head_budgets=stored,
-            head_types=extra.pop("head_types", None),
-            profile_source=extra.pop("profile_source", None),
-            extra=extra,
+            method=type(self.method).__name__, budget=self.method.budget, batch_size=batch,
+            prompt_tokens=sum(s.prompt_tokens for s in sequences), visual_tokens=sum(s.visual_tokens for s in sequences),
+            context_tokens=sum(s.context_tokens for s in sequences), query_tokens=sum(s.query_tokens for s in sequences),
+            query_source=",".join(dict.fromkeys(s.query_source for s in sequences)), generated_tokens=generated,
+            full_kv_bytes=batch * seen * per_token, resident_kv_bytes=held - offloaded, offloaded_kv_bytes=offloaded,
+            attended_tokens_per_step=attended, layer_budgets=[sum(h) for h in total], head_budgets=total,
+            compressions=len(self._history), budget_exceeded_tokens=sum(s.budget_exceeded_tokens for s in sequences),
+            sequences=sequences,
         )

@@ -16,14 +16,14 @@ the same for every method, so a one-word answer could not show what compression 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from hybridkv.cache import CompressedLayer
-from hybridkv.methods.base import LayerContext, Method
+from hybridkv.decisions import Decision, LayerContext, Plan
+from hybridkv.methods.base import Method
 from hybridkv.models.architectures import model_spec
 
 _PER_POSITION = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -52,18 +52,18 @@ class PrefillCapture:
     tail: torch.Tensor | None = None
 
 
+@dataclass(eq=False, kw_only=True)
 class _Capture(Method):
-    """Keeps everything and records each layer's prefill tensors."""
+    """Keeps everything and records each layer's prefill tensors (one sequence)."""
 
-    def __init__(self) -> None:
-        super().__init__(1.0)
-        self.layers: list = []
-        self.scaling = 1.0
+    budget: float = 1.0
+    layers: list = field(default_factory=list, repr=False)
+    scaling: list = field(default_factory=list, repr=False)
 
-    def compress(self, ctx: LayerContext, layer: CompressedLayer) -> None:
+    def compress(self, ctx: LayerContext, plan: Plan) -> Decision:
         self.layers.append((ctx.queries, ctx.keys, ctx.values))
-        self.scaling = ctx.scaling
-        layer.compress(torch.ones(ctx.keys.shape[:2], dtype=torch.bool, device=ctx.keys.device))
+        self.scaling.append(ctx.scaling)
+        return Decision(torch.ones(ctx.keys.shape[:2], dtype=torch.bool, device=ctx.keys.device))
 
 
 def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | None = None,
@@ -79,7 +79,7 @@ def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | No
     capture = _Capture()
     with torch.inference_mode(), capture.apply(model, query_tokens=query_tokens):
         out = model(**prefix, past_key_values=DynamicCache(), use_cache=True)
-    return PrefillCapture(prefix["input_ids"], query_tokens, capture.layers, capture.scaling,
+    return PrefillCapture(prefix["input_ids"], query_tokens, capture.layers, capture.scaling[0],
                           out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None), tail)
 
 
@@ -93,7 +93,7 @@ def split_tail(model: torch.nn.Module, inputs: dict, tail_tokens: int) -> tuple[
                          f"({ids.shape[1] - 1}) of a batch-1 prompt.")
     tail = ids[0, -tail_tokens:]
     visual = model_spec(model).visual_token_ids
-    if visual and bool(torch.isin(tail, torch.tensor(visual)).any()):
+    if visual and bool(torch.isin(tail, torch.tensor(visual, device=tail.device)).any()):
         raise ValueError("the tail fed after compression holds visual tokens: images must be in the compressed prefix.")
     prefix = {k: (v[:, :-tail_tokens] if k in _PER_POSITION else v) for k, v in inputs.items()}
     return prefix, tail
@@ -139,9 +139,9 @@ def decode(model: torch.nn.Module, method: Method, capture: PrefillCapture, max_
             tokens.append(token)
             if step == steps - 1 or (forced is None and token in stop_ids):
                 break
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
             logits.append(out.logits[0, -1].float())
-    return Decoded(torch.tensor(tokens), torch.stack(logits[: len(tokens)]), method.report)
+    return Decoded(torch.tensor(tokens), torch.stack(logits[: len(tokens)]).cpu(), method.report)
 
 
 def prefix_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:

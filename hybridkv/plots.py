@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from hybridkv.profile import HeadProfile
+from hybridkv.head_profile import HeadProfile
 
 
 def profile_heatmap(profile: HeadProfile, path: str | Path, title: str | None = None) -> None:

@@ -1,27 +1,68 @@
-"""Attention statistics used to score prompt tokens, computed from a few query rows only."""
+"""Attention statistics used to score prompt tokens, computed from a few query rows at a time.
+
+A text prior or an observation window can be thousands of query rows (a long question, a long
+last turn). Its attention over a long prompt is never materialised whole: rows are processed in
+blocks whose float32 probabilities take at most :data:`BLOCK_BYTES`, and only running sums are
+kept, so the transient memory of scoring does not grow with the number of query rows.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+BLOCK_BYTES = 64 * 2**20
+"""Largest float32 block of attention probabilities scoring materialises at a time."""
 
-def query_attention(queries: torch.Tensor, keys: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
-    """Causal softmax attention of the prompt queries ``[start, L)`` over all prompt keys.
+
+def attention_blocks(queries: torch.Tensor, keys: torch.Tensor, start: int, scaling: float,
+                     block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """Causal softmax attention of the query rows ``[start, L)`` over the keys, block by block.
+
+    The queries are the last rows of the sequence whose keys are given (row ``i`` of
+    ``queries`` sits at key position ``L_k - L_q + i``), so a row never sees later keys.
 
     Args:
-        queries: (Hq, L, D) prompt queries after RoPE. keys: (Hkv, L, D) prompt keys after RoPE.
+        queries: (Hq, L_q, D) after RoPE. keys: (Hkv, L_k, D) after RoPE, L_k >= L_q.
         start: first query row used. scaling: softmax scale.
-    Returns:
-        (Hkv, G, W, L) float32 attention probabilities, W = L - start, G = Hq / Hkv; row ``i``
-        is zero beyond position ``start + i``.
+        block_bytes: bound on each block's (Hkv, G, rows, L_k) float32 probabilities.
+    Yields:
+        (first row of the block, (Hkv, G, rows, L_k) float32 probabilities).
     """
-    hq, length, dim = queries.shape
-    kv_heads = keys.shape[0]
-    window = queries[:, start:].reshape(kv_heads, hq // kv_heads, length - start, dim).float()
-    logits = torch.einsum("hgwd,hld->hgwl", window, keys.float()) * scaling
-    future = torch.arange(length)[None, :] > torch.arange(start, length)[:, None]  # (W, L)
-    return torch.softmax(logits.masked_fill(future.to(logits.device), float("-inf")), dim=-1)
+    hq, q_len, dim = queries.shape
+    kv_heads, k_len = keys.shape[0], keys.shape[1]
+    group = hq // kv_heads
+    rows = max(1, block_bytes // (4 * hq * max(1, k_len)))
+    keys_f = keys.float()
+    offset = k_len - q_len
+    columns = torch.arange(k_len, device=keys.device)
+    for first in range(start, q_len, rows):
+        last = min(first + rows, q_len)
+        block = queries[:, first:last].reshape(kv_heads, group, last - first, dim).float()
+        logits = torch.einsum("hgwd,hld->hgwl", block, keys_f).mul_(scaling)
+        future = columns[None, :] > (torch.arange(first, last, device=keys.device) + offset)[:, None]
+        yield first, torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
+
+
+def mean_attention(queries: torch.Tensor, keys: torch.Tensor, start: int, scaling: float) -> torch.Tensor:
+    """(Hkv, L_k) float32 attention of the query rows ``[start, L_q)`` over the keys, mean over
+    those rows and the query heads of each KV group."""
+    total = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
+    for _, probs in attention_blocks(queries, keys, start, scaling):
+        total += probs.sum(dim=(1, 2))
+    group = queries.shape[0] // keys.shape[0]
+    return total / max(1, (queries.shape[1] - start) * group)
+
+
+def column_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(Hkv, L_k) float32 attention every key receives from all query rows (causal column sums),
+    mean over the query heads of each group."""
+    total = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
+    for _, probs in attention_blocks(queries, keys, 0, scaling):
+        total += probs.sum(dim=2).mean(dim=1)
+    return total
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -37,18 +78,27 @@ def snap_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_s
     """SnapKV scores: observation-window attention, mean over the window and the query heads of
     a group, average-pooled over neighbours (zero padding, as kvpress does) outside the window.
 
+    The window is the last ``window`` keys; its queries are the last ``window`` query rows.
+
     Returns:
-        (Hkv, L) float32 scores; the window's own positions get +inf (always kept first).
+        (Hkv, L_k) float32 scores; the window's own positions get +inf (always kept first).
     """
     length = keys.shape[1]
-    window = min(window, length)
-    attn = query_attention(queries, keys, length - window, scaling)  # (Hkv, G, W, L)
-    scores = pool_scores(attn.mean(dim=(1, 2))[:, : length - window], kernel_size)
+    window = min(window, length, queries.shape[1])
+    mean = mean_attention(queries, keys, queries.shape[1] - window, scaling)
+    scores = pool_scores(mean[:, : length - window], kernel_size)
     return torch.cat([scores, scores.new_full((scores.shape[0], window), float("inf"))], dim=1)
 
 
-def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(Hkv, L) bool mask of each row's ``k`` highest scores (ties broken by position)."""
+def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """(Hkv, L) bool mask of each row's ``k`` highest scores (ties broken by position).
+
+    ``k`` is one count for every row, or (Hkv,) counts per row.
+    """
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
-    return keep
+    if isinstance(k, int):
+        keep.scatter_(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
+        return keep
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.arange(scores.shape[1], device=scores.device)[None, :] < k.to(scores.device)[:, None]
+    return keep.scatter_(1, order, rank)

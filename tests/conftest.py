@@ -46,3 +46,39 @@ def case(request):
     """(model, inputs, model_type, kind) for each supported architecture and input kind."""
     model_type, kind = request.param
     return get_model(model_type), make_inputs(kind), model_type, kind
+
+
+def walked_bytes(obj) -> int:
+    """Bytes of every distinct tensor storage an object (a cache layer, its retriever) holds:
+    the test's own walk over its attributes."""
+    storages = {}
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def cache_bytes(layers) -> int:
+    """Bytes held by compressed layers and their chunk pools."""
+    return sum(walked_bytes(layer) + (walked_bytes(layer.retriever) if layer.retriever else 0) for layer in layers)
+
+
+def kept_positions(layers) -> list:
+    """Per layer, per sequence, per KV head: sorted positions the row keeps in its kept region."""
+    out = []
+    for layer in layers:
+        rows = []
+        for b in range(layer.batch):
+            rows.append([sorted(p for p in layer.kept_positions[b, h].tolist() if p >= 0) for h in range(layer.kv_heads)])
+        out.append(rows)
+    return out
+
+
+def run_under(model, method, inputs, query_tokens=None, **kwargs):
+    """``generate()`` under ``method``; (output, report, kept positions, bytes walked) read inside the block."""
+    kwargs = {"max_new_tokens": 2, "do_sample": False, **kwargs}
+    with method.apply(model, query_tokens=query_tokens) as engine:
+        out = model.generate(**inputs, **kwargs)
+        kept, walked = kept_positions(engine.layers), cache_bytes(engine.layers)
+        report = engine.report
+    return out, report, kept, walked

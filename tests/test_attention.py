@@ -1,104 +1,156 @@
-"""attend_layer equals softmax attention over each head's kept entries, computed per head here."""
+"""The decoding step equals softmax attention over each row's kept (and retrieved) entries,
+computed per sequence and head here; it compiles, and it never synchronises with the host."""
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from hybridkv.attention import attend_layer
-from hybridkv.cache import CompressedLayer
-from hybridkv.retrieval import ChunkRetriever
-
-# 64: every head's entries are fewer than a tile (remainder only); 4: whole tiles + remainders
-TILES = pytest.mark.parametrize("tile_rows", [64, 4])
+from hybridkv.attention import decode_step, segment_attention
+from hybridkv.cache import ChunkPool, CompressedLayer, ForwardBias, HeadChunks
 
 
-def build_layer(kv_heads=3, prompt=40, dim=16, generated=5, seed=0, tile_rows=64):
+def append(layer, keys, values):
+    """Feed new tokens (B, H, Q, D) to a layer as a forward would."""
+    layer.forward_bias.set(None, keys.shape[0], keys.shape[2], keys.dtype, keys.device)
+    layer.update(keys, values)
+
+
+def build(batch=2, kv_heads=3, prompt=40, dim=16, generated=5, chunks=True, dtype=torch.float32, seed=0):
+    """A compacted layer whose rows keep different numbers of entries; with ``chunks``, heads 0
+    and 1 of every sequence retrieve 1 and 3 of their chunks per step. Returns the layer, the
+    prompt and generated K/V, the keep mask and the pools."""
     gen = torch.Generator().manual_seed(seed)
-    layer = CompressedLayer(kv_heads, tile_rows)
-    k = torch.randn(1, kv_heads, prompt, dim, generator=gen)
-    v = torch.randn(1, kv_heads, prompt, dim, generator=gen)
-    layer.update(k, v)
-    keep = torch.rand(kv_heads, prompt, generator=gen) < torch.tensor([0.2, 0.6, 0.9])[:kv_heads, None]
-    layer.compress(keep)
-    new_k = torch.randn(1, kv_heads, generated, dim, generator=gen)
-    new_v = torch.randn(1, kv_heads, generated, dim, generator=gen)
+    layer = CompressedLayer(kv_heads, ForwardBias())
+    k = torch.randn(batch, kv_heads, prompt, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, prompt, dim, generator=gen).to(dtype)
+    append(layer, k, v)
+    share = torch.tensor([0.2, 0.5, 0.9])[:kv_heads, None]
+    keep = torch.rand(batch, kv_heads, prompt, generator=gen) < share
+    pools = []
+    if chunks:
+        size = 4
+        for b in range(batch):
+            row = []
+            for head, select in ((0, 1), (1, 3)):
+                free = (~keep[b, head]).nonzero().flatten()[: 4 * size].view(4, size)  # 4 chunks of evicted tokens
+                row.append(HeadChunks(head, k[b, head][free], v[b, head][free], free.to(torch.int32), select))
+            pools.append(row)
+    slots = None
+    if pools:
+        slots = torch.zeros(batch, kv_heads, dtype=torch.long)
+        slots[:, 0], slots[:, 1] = 1 * 4, 3 * 4
+    start = layer.compact(keep, slots)
+    if pools:
+        layer.retriever = ChunkPool(pools, kv_heads, start, layer.kept_width - 1)
+    new_k = torch.randn(batch, kv_heads, generated, dim, generator=gen).to(dtype)
+    new_v = torch.randn(batch, kv_heads, generated, dim, generator=gen).to(dtype)
     for t in range(generated):
-        layer.update(new_k[:, :, t : t + 1], new_v[:, :, t : t + 1])
-    return layer, k, v, keep, new_k, new_v
+        append(layer, new_k[:, :, t : t + 1], new_v[:, :, t : t + 1])
+    return layer, k, v, keep, new_k, new_v, pools
 
 
-def reference(query, k, v, keep, new_k, new_v, scaling):
-    """Per query head: softmax over [kept prompt entries of its KV head] + generated tokens."""
-    hq, q_len, dim = query.shape[1:]
+def reference(query, k, v, keep, new_k, new_v, scaling, picked=None):
+    """Per sequence and query head: float64 softmax over [kept prompt entries + picked chunks +
+    generated tokens], causal among the newest Q generated tokens. picked: {(b, h): [(keys, values)]}."""
+    batch, hq, q_len, dim = query.shape
     kv_heads = k.shape[1]
     group = hq // kv_heads
-    out = torch.empty(1, q_len, hq, dim)
-    for h in range(hq):
-        kvh = h // group
-        keys = torch.cat([k[0, kvh][keep[kvh]], new_k[0, kvh]])
-        values = torch.cat([v[0, kvh][keep[kvh]], new_v[0, kvh]])
-        for i in range(q_len):
-            visible = keys.shape[0] - (q_len - 1 - i)  # causal among the newest q_len tokens
-            w = torch.softmax(query[0, h, i] @ keys[:visible].T * scaling, dim=-1)
-            out[0, i, h] = w @ values[:visible]
+    out = torch.empty(batch, q_len, hq, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(hq):
+            kvh = h // group
+            extra = (picked or {}).get((b, kvh), [])
+            keys = torch.cat([k[b, kvh][keep[b, kvh]], *[c[0] for c in extra], new_k[b, kvh]]).double()
+            values = torch.cat([v[b, kvh][keep[b, kvh]], *[c[1] for c in extra], new_v[b, kvh]]).double()
+            for i in range(q_len):
+                visible = keys.shape[0] - (q_len - 1 - i)
+                w = torch.softmax(query[b, h, i].double() @ keys[:visible].T * scaling, dim=-1)
+                out[b, i, h] = w @ values[:visible]
     return out
 
 
-@TILES
-def test_single_query_matches_reference(tile_rows):
-    layer, k, v, keep, new_k, new_v = build_layer(tile_rows=tile_rows)
-    query = torch.randn(1, 6, 1, 16)
-    out, attended = attend_layer(layer, query, 0.25)
-    ref = reference(query, k, v, keep, new_k, new_v, 0.25)
-    assert torch.allclose(out, ref, atol=1e-5)
-    assert attended == int(keep.sum()) + 3 * 5
-    assert len(set(layer.head_lengths)) == 3  # genuinely different lengths per head
-    tiles = [n // tile_rows for n in layer.head_lengths]
-    assert layer.tile_heads.tolist() == [h for h, n in enumerate(tiles) for _ in range(n)]
-    assert layer.prefix_keys.shape[0] == int(keep.sum())  # tiles are not padded
+def picked_chunks(layer, pools, query, group):
+    """The chunks each retrieving row should pick, by the min/max bound computed chunk by chunk."""
+    picked = {}
+    for b, row in enumerate(pools):
+        for item in row:
+            qh = query[b, item.head * group : (item.head + 1) * group, -1].double()  # (G, D)
+            bounds = [float(torch.maximum(qh * c.double().amin(0), qh * c.double().amax(0)).sum(-1).max())
+                      for c in item.keys]
+            best = sorted(range(len(bounds)), key=bounds.__getitem__, reverse=True)[: item.select]
+            picked[(b, item.head)] = [(item.keys[m], item.values[m]) for m in best]
+    return picked
 
 
-@TILES
-def test_several_queries_are_causal_among_recent_tokens(tile_rows):
-    layer, k, v, keep, new_k, new_v = build_layer(generated=4, tile_rows=tile_rows)
-    query = torch.randn(1, 6, 3, 16)  # the newest 3 recent tokens' queries
-    out, _ = attend_layer(layer, query, 0.25)
-    assert torch.allclose(out, reference(query, k, v, keep, new_k, new_v, 0.25), atol=1e-5)
+@pytest.mark.parametrize("chunks", [False, True], ids=["kept-only", "with-retrieval"])
+def test_decode_step_matches_reference(chunks):
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=chunks)
+    query = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(9))
+    pool = layer.retriever.step(layer.keys.shape[2]) if chunks else None
+    out, picked = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, pool, layer.stored)
+    expected = reference(query, k, v, keep, new_k, new_v, 0.25, picked_chunks(layer, pools, query, 2))
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert len({int(n) for n in keep.sum(-1).flatten()}) > 2  # rows genuinely keep different numbers
+    if chunks:
+        assert picked.shape == (2 * 2, 3)  # (sequences x retrieving heads, the largest selection)
 
 
-def test_head_with_nothing_kept_attends_to_recent_only():
-    layer, k, v, keep, new_k, new_v = build_layer()
-    empty = CompressedLayer(3)
-    empty.update(k, v)
-    keep[1] = False
-    empty.compress(keep)
-    for t in range(new_k.shape[2]):
-        empty.update(new_k[:, :, t : t + 1], new_v[:, :, t : t + 1])
-    query = torch.randn(1, 6, 1, 16)
-    out, _ = attend_layer(empty, query, 0.25)
-    assert torch.allclose(out, reference(query, k, v, keep, new_k, new_v, 0.25), atol=1e-5)
+def test_whole_buffer_with_bias_equals_the_stored_columns():
+    """The compiled step attends the whole buffer: unwritten columns must weigh nothing."""
+    layer, *_ = build(chunks=False)
+    assert layer.keys.shape[2] > layer.stored
+    query = torch.randn(2, 6, 1, 16)
+    stored, _ = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, None, layer.stored)
+    whole, _ = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, None, None)
+    assert torch.allclose(stored, whole, atol=1e-6)
 
 
-@TILES
-def test_retrieved_chunks_of_heads_with_different_selections(tile_rows):
-    """Two heads retrieve 1 and 3 chunks per step (a padded block with a validity mask): the
-    result equals softmax attention over each head's kept tokens + its chosen chunks."""
-    layer, k, v, keep, new_k, new_v = build_layer(prompt=40, generated=1, tile_rows=tile_rows)
-    size, dim = 4, k.shape[-1]
-    gen = torch.Generator().manual_seed(3)
-    pool_k = torch.randn(6, size, dim, generator=gen)
-    pool_v = torch.randn(6, size, dim, generator=gen)
-    heads = torch.tensor([0, 0, 0, 2, 2, 2])
-    layer.retriever = ChunkRetriever(pool_k, pool_v, heads, torch.arange(6) * size, torch.tensor([1, 0, 3]))
-    query = torch.randn(1, 6, 1, dim, generator=gen)
-    out, attended = attend_layer(layer, query, 0.25)
-    chosen = layer.retriever.last_selected.tolist()
-    assert sorted(int(heads[c]) for c in chosen) == [0, 2, 2, 2]
-    expected = torch.empty(1, 1, 6, dim)
-    for h in range(6):
-        kvh = h // 2
-        mine = [c for c in chosen if int(heads[c]) == kvh]
-        keys = torch.cat([k[0, kvh][keep[kvh]], *[pool_k[c] for c in mine], new_k[0, kvh]])
-        values = torch.cat([v[0, kvh][keep[kvh]], *[pool_v[c] for c in mine], new_v[0, kvh]])
-        expected[0, 0, h] = torch.softmax(query[0, h, 0] @ keys.T * 0.25, -1) @ values
-    assert torch.allclose(out, expected, atol=1e-5)
-    assert attended == int(keep.sum()) + 3 + 4 * size
+def test_several_queries_are_causal_among_new_tokens():
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, generated=4)
+    query = torch.randn(2, 6, 3, 16, generator=torch.Generator().manual_seed(4))  # the newest 3 tokens' queries
+    out = segment_attention(query, layer.keys, layer.values, layer.bias, layer.stored, 0.25, layer.retriever)
+    # one retrieval for the forward: the bound is the max over every query row of the group
+    picked = {}
+    for b, row in enumerate(pools):
+        for item in row:
+            qh = query[b, item.head * 2 : (item.head + 1) * 2].reshape(-1, 16).double()
+            bounds = [float(torch.maximum(qh * c.double().amin(0), qh * c.double().amax(0)).sum(-1).max())
+                      for c in item.keys]
+            best = sorted(range(len(bounds)), key=bounds.__getitem__, reverse=True)[: item.select]
+            picked[(b, item.head)] = [(item.keys[m], item.values[m]) for m in best]
+    assert torch.allclose(out.double(), reference(query, k, v, keep, new_k, new_v, 0.25, picked), atol=1e-5)
+
+
+def test_bfloat16_step_matches_a_float64_reference():
+    """Keys and values in bf16; logits and softmax accumulate in fp32 inside SDPA."""
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, dtype=torch.bfloat16)
+    query = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    pool = layer.retriever.step(layer.keys.shape[2])
+    out, _ = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, pool, layer.stored)
+    assert out.dtype == torch.bfloat16
+    expected = reference(query, k, v, keep, new_k, new_v, 0.25, picked_chunks(layer, pools, query, 2))
+    assert (out.double() - expected).abs().max() < 2e-2
+
+
+def test_compiled_step_equals_eager_step():
+    layer, *_ = build(chunks=True)
+    query = torch.randn(2, 6, 1, 16)
+    pool = layer.retriever.step(layer.keys.shape[2])
+    keys, values = layer.keys.clone(), layer.values.clone()
+    eager, eager_picks = decode_step(query, keys, values, layer.bias, 0.25, pool, None)
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=True)
+    out, picks = compiled(query, layer.keys, layer.values, layer.bias, 0.25, pool, None)
+    assert torch.equal(picks, eager_picks)
+    assert torch.allclose(out, eager, atol=1e-6)
+    assert torch.equal(layer.keys, keys)  # the slots were written in place the same way
+
+
+def test_decode_step_does_not_synchronise():
+    layer, *_ = build(chunks=True)
+    query = torch.randn(2, 6, 1, 16)
+    pool = layer.retriever.step(layer.keys.shape[2])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode_step(query, layer.keys, layer.values, layer.bias, 0.25, pool, layer.stored)
+    names = [e.key for e in prof.key_averages()]
+    assert "aten::topk" in names and "aten::scaled_dot_product_attention" in names  # it did retrieve and attend
+    assert not {"aten::item", "aten::_local_scalar_dense"} & set(names)

@@ -3,15 +3,15 @@ transformers' own attention weights / full cache, and exactness at a full budget
 
 import pytest
 import torch
-from conftest import get_model, make_inputs
+from conftest import get_model, kept_positions, make_inputs, run_under
 from test_exactness import generate
 from test_methods import reference_snap_scores, run
 from transformers import DynamicCache
 
-from hybridkv import H2O, HeadProfile, ProfileMismatchError, PyramidKV, Quest, SparseMM, profile_heads
+from hybridkv import H2O, AdaKV, HeadProfile, ProfileMismatchError, PyramidKV, Quest, SnapKV, SparseMM, profile_heads
+from hybridkv.head_profile import model_identity
 from hybridkv.methods.pyramidkv import pyramid_budgets
 from hybridkv.models.tiny import text_inputs, tiny_model, visual_inputs
-from hybridkv.profile import model_identity
 
 
 def eager_attentions(model, inputs):
@@ -50,7 +50,7 @@ def test_h2o_keeps_recent_window_and_heaviest_column_sums(model_type, recent_win
     budget = 0.2
     n = round(budget * length)
     recent = recent_window if isinstance(recent_window, int) else round(recent_window * n)
-    kept = run(model, H2O(budget, recent_window=recent_window, block_size=32), inputs)  # several row blocks
+    kept = run(model, H2O(budget, recent_window=recent_window), inputs)  # several row blocks
     for layer, attn in enumerate(eager_attentions(model, inputs)):
         hq = attn.shape[0]
         columns = attn.sum(dim=1).view(2, hq // 2, length).mean(dim=1)  # (Hkv, L) attention received
@@ -75,10 +75,11 @@ def test_pyramidkv_layer_budgets_decrease_and_keep_top_snap_scores():
     inputs = text_inputs(200, seed=5)
     window, kernel, budget = 8, 5, 0.25
     method = PyramidKV(budget, beta=4, window_size=window, kernel_size=kernel)
-    kept = run(model, method, inputs)
-    budgets = method.report.extra["layer_tokens_per_head"]
+    _, report, kept, _ = run_under(model, method, inputs)
+    kept = [rows[0] for rows in kept]
+    budgets = report.extra["layer_tokens_per_head"]
     assert budgets == reference_pyramid(4, 50, 200, window, 4) == [81, 60, 39, 18]
-    assert method.report.layer_budgets == [2 * b for b in budgets]
+    assert report.layer_budgets == [2 * b for b in budgets]
     for layer, attn in enumerate(eager_attentions(model, inputs)):
         scores = reference_snap_scores(attn, 2, window, kernel)
         for h in range(2):
@@ -108,11 +109,12 @@ def test_sparsemm_splits_the_model_budget_by_importance_and_keeps_top_snap_score
     inputs = text_inputs(150, seed=4)
     importance = [[0.0, 0.1], [10.0, 0.3]]
     window, base_share, budget = 8, 0.1, 0.4
-    method = SparseMM(budget, fake_profile(model, importance), base_share=base_share, window_size=window)
-    kept = run(model, method, inputs)
+    method = SparseMM(budget, profile=fake_profile(model, importance), base_share=base_share, window_size=window)
+    _, report, kept, _ = run_under(model, method, inputs)
+    kept = [rows[0] for rows in kept]
     n, length = 60, 150
-    got = torch.tensor(method.report.head_budgets).flatten()
-    assert got.tolist() == torch.tensor(method.report.extra["allocated_budgets"]).flatten().tolist()
+    got = torch.tensor(report.head_budgets).flatten()
+    assert got.tolist() == torch.tensor(report.extra["allocated_budgets"]).flatten().tolist()
     # weights: uniform base share + share proportional to importance; head (1, 0) would get more
     # than the prompt, so it keeps everything and the others split the rest proportionally
     imp = torch.tensor(importance).flatten()
@@ -135,11 +137,11 @@ def test_sparsemm_refuses_another_models_profile():
     llama = tiny_model("llama", layers=2, seed=3)
     profile = fake_profile(llama, [[1.0, 1.0], [1.0, 1.0]])
     with pytest.raises(ProfileMismatchError, match="made for"):
-        SparseMM(0.2, profile).apply(get_model("qwen2"))
+        SparseMM(0.2, profile=profile).apply(get_model("qwen2"))
     with pytest.raises(ProfileMismatchError, match="made for"):
-        SparseMM(0.2, profile).apply(tiny_model("llama", layers=3, seed=3))
+        SparseMM(0.2, profile=profile).apply(tiny_model("llama", layers=3, seed=3))
     with pytest.raises(TypeError, match="HeadProfile"):
-        SparseMM(0.2, "profile.json")
+        SparseMM(0.2, profile="profile.json")
 
 
 # ----------------------------------------------------------------- Quest
@@ -172,20 +174,21 @@ def test_quest_selects_the_top_pages_by_bound_every_step():
     keys = full_keys(model, inputs)
     method = Quest(budget, page_size=page_size)
     queries = {}
-    with torch.inference_mode(), method.apply(model):
+    with torch.inference_mode(), method.apply(model) as engine:
         cache = DynamicCache()
         out = model(**inputs, past_key_values=cache, use_cache=True)
-        for idx, layer in enumerate(cache.layers):
-            assert layer.head_lengths == [tail, tail]  # only the trailing partial page is kept in the layer
-            layer.observer = lambda q, lay, idx=idx: queries.__setitem__(idx, q[:, -1].clone())
+        for idx, layer in enumerate(engine.layers):
+            # only the trailing partial page is kept; the pages are pooled with their retrieval slots
+            assert kept_positions([layer])[0][0] == [list(range(150 - tail, 150))] * 2
+            layer.observer = lambda q, lay, idx=idx: queries.__setitem__(idx, q[0, :, -1].clone())
         for _ in range(3):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-            for idx, layer in enumerate(cache.layers):
-                retriever = layer.retriever
-                chosen = retriever.last_selected
-                got = set(zip(retriever.chunk_heads[chosen].tolist(), retriever.chunk_starts[chosen].tolist()))
+            for idx, layer in enumerate(engine.layers):
+                pool = layer.retriever
+                got = {(h, int(pool.positions[0, p, m, 0]))
+                       for p, h in enumerate(pool.heads[0].tolist()) for m in pool.last_picks[p].tolist()}
                 assert got == page_bounds_top(keys[idx], queries[idx], pages, page_size, count)
-    extra = method.report.extra
+        extra = engine.report.extra
     assert (extra["pages_per_head"], extra["pages_per_step"], extra["tail_tokens"]) == (pages, count, tail)
 
 
@@ -193,14 +196,14 @@ def test_quest_host_store_keeps_every_page_and_dense_layers_attend_all():
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, seed=3)
     inputs = text_inputs(150, seed=4)
     method = Quest(0.3, page_size=16, store="host", dense_layers=1)
-    with method.apply(model):
+    with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    dense, paged = method._engine.cache.layers
-    assert dense.retriever is None and dense.head_lengths == [150, 150]
-    assert paged.head_lengths == [150 % 16] * 2
+        dense, paged = engine.layers
+        assert dense.retriever is None and kept_positions([dense])[0][0] == [list(range(150))] * 2
+        assert kept_positions([paged])[0][0] == [list(range(150 - 150 % 16, 150))] * 2
+        assert paged.retriever.keys.device.type == "cpu"
     head_dim = 16
     assert method.report.offloaded_kv_bytes == 2 * 2 * (150 // 16) * 16 * head_dim * 4  # K and V of every page, fp32
-    assert paged.retriever.keys.device.type == "cpu"
 
 
 # ----------------------------------------------------------------- budget 1.0 == plain generate
@@ -214,9 +217,9 @@ def profiles():
 
 
 METHODS = {
-    "H2O": lambda profile: H2O(1.0, block_size=16),
+    "H2O": lambda profile: H2O(1.0),
     "PyramidKV": lambda profile: PyramidKV(1.0, window_size=8),
-    "SparseMM": lambda profile: SparseMM(1.0, profile, window_size=8),
+    "SparseMM": lambda profile: SparseMM(1.0, profile=profile, window_size=8),
     "Quest-16": lambda profile: Quest(1.0, page_size=16),
     "Quest-8": lambda profile: Quest(1.0, page_size=8),
 }
@@ -245,10 +248,14 @@ def test_full_budget_matches_plain_generate(model_type, kind, name, profiles):
     (lambda: H2O(0.1, recent_window=1.5), ValueError),
     (lambda: H2O(0.1, recent_window=-1), ValueError),
     (lambda: H2O(0.1, recent_window="8"), TypeError),
-    (lambda: H2O(0.1, block_size=0), ValueError),
+    (lambda: AdaKV(0.1, kernel_size=4), ValueError),
+    (lambda: AdaKV(0.1, window_size=0), ValueError),
+    (lambda: SnapKV(0.1, window_size=0), ValueError),
+    (lambda: AdaKV(0.1, alpha_safeguard=2.0), ValueError),
     (lambda: PyramidKV(0.1, beta=0.5), ValueError),
     (lambda: PyramidKV(0.1, kernel_size=4), ValueError),
-    (lambda: SparseMM(0.1, None), TypeError),
+    (lambda: SparseMM(0.1, profile=None), TypeError),
+    (lambda: SparseMM(0.1, window_size=4), TypeError),
     (lambda: Quest(0.1, page_size=0), ValueError),
     (lambda: Quest(0.1, store="disk"), ValueError),
     (lambda: Quest(0.1, dense_layers=-1), ValueError),
@@ -262,4 +269,4 @@ def test_bad_parameters_are_clear_errors(make, error):
 def test_sparsemm_base_share_is_validated():
     profile = fake_profile(tiny_model("llama", layers=2, seed=3), [[1.0, 1.0], [1.0, 1.0]])
     with pytest.raises(ValueError, match="base_share"):
-        SparseMM(0.1, profile, base_share=1.5)
+        SparseMM(0.1, profile=profile, base_share=1.5)

@@ -7,7 +7,10 @@ import torch
 from conftest import get_model
 
 from hybridkv.data.text_tasks import TextTask, answer_correct
-from hybridkv.evaluation import ResultStore, evaluate, make_method, markdown_table, summarize
+from hybridkv.evaluation import evaluate
+from hybridkv.methods import make_method
+from hybridkv.result_store import ResultStore
+from hybridkv.tables import markdown_table, summarize
 
 
 class DigitTokenizer:
@@ -67,19 +70,20 @@ def test_answer_checking():
     assert not answer_correct(" none", "48213")
 
 
-def test_budget_below_the_protected_minimum_is_recorded_as_not_applicable(tmp_path):
-    """HybridKV keeps all prompt text: 5% of a 90-token prompt with a 10-token question cannot
-    hold it, so the row says infeasible (n/a in the tables) while SnapKV's row is scored."""
+def test_budget_below_the_protected_minimum_is_a_number_marked_exceeded(tmp_path):
+    """HybridKV keeps the question, sinks and window: 5% of a 90-token prompt with a 10-token
+    question cannot hold them, so it keeps them anyway, the row says by how much the budget was
+    exceeded, and the table marks the cell instead of leaving it empty."""
     store = ResultStore(tmp_path / "q.jsonl")
     evaluate(get_model("llama"), DigitTokenizer(), "tiny", [tiny_task(0)], store, ["SnapKV", "HybridKV"], [0.05],
              progress=False, max_new_tokens=2)
     rows = {r["method"]: r for r in store.rows.values()}
-    assert rows["HybridKV"]["infeasible"] is True and rows["HybridKV"]["correct"] is None
-    assert "infeasible" not in rows["SnapKV"]
+    assert rows["HybridKV"]["budget_exceeded_tokens"] > 0 and rows["HybridKV"]["correct"] in (True, False)
+    assert rows["SnapKV"]["budget_exceeded_tokens"] == 0
     table = summarize(store.rows.values(), "tiny")
     hybrid = next(r for r in table if r["method"] == "HybridKV")
-    assert (hybrid["prompts"], hybrid["infeasible"], hybrid["accuracy"]) == (0, 1, None)
-    assert "| HybridKV | n/a |" in markdown_table(table)
+    assert (hybrid["prompts"], hybrid["budget_exceeded"]) == (1, 1.0)
+    assert f"| HybridKV | {hybrid['accuracy']}* |" in markdown_table(table)
 
 
 def test_kvpress_peers_refuse_tasks_with_a_tail(tmp_path):

@@ -5,44 +5,48 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import get_model, make_inputs
-from test_memory import walked_bytes
+from conftest import get_model, kept_positions, make_inputs, run_under
 
 from hybridkv import HeadProfile, HybridKV, ProfileMismatchError, profile_heads
-from hybridkv.attention import attend_layer
-from hybridkv.cache import CompressedLayer
-from hybridkv.models.tiny import tiny_model, visual_inputs
-from hybridkv.retrieval import ChunkRetriever
+from hybridkv.attention import decode_step
+from hybridkv.cache import ChunkPool, CompressedLayer, ForwardBias, HeadChunks
+from hybridkv.cache.chunk_pool import pick
+from hybridkv.models.tiny import text_inputs, tiny_model, visual_inputs
 
 
 # ----------------------------------------------------------------- chunk retrieval
+def pool_of(keys, heads, selects, kv_heads):
+    """A one-sequence ChunkPool over chunks (M, C, D) owned by ``heads`` (M,), slots from column 0."""
+    rows = [[HeadChunks(h, keys[heads == h], keys[heads == h].clone(), torch.zeros(int((heads == h).sum()), keys.shape[1],
+                                                                                   dtype=torch.int32), selects[h])
+             for h in range(kv_heads) if selects[h] or (heads == h).any()]]
+    return ChunkPool(rows, kv_heads, torch.zeros(1, kv_heads, dtype=torch.long), trash=0)
+
+
 def test_retrieval_picks_the_chunk_of_the_best_key_and_the_top_bounds():
     gen = torch.Generator().manual_seed(0)
     chunks, size, dim, kv_heads, group = 12, 4, 8, 2, 2
     keys = torch.randn(chunks, size, dim, generator=gen) * 0.1
     heads = torch.tensor([0] * 6 + [1] * 6)
-    q = torch.randn(kv_heads * group, 1, dim, generator=gen)
-    keys[3, 2] = 5 * q[0, 0]  # head 0's best key, in chunk 3
-    keys[9, 0] = 5 * q[3, 0]  # head 1's best key, in chunk 9
-    retriever = ChunkRetriever(keys, keys.clone(), heads, torch.arange(chunks) * size, torch.tensor([2, 3]))
-    chosen = retriever.select(q).tolist()
-    for head, planted in ((0, 3), (1, 9)):  # brute force: the chunk holding the highest q.k of the head
-        qh = q[head * group : (head + 1) * group, 0]  # (G, D)
-        logits = torch.einsum("gd,mcd->gmc", qh, keys)
-        logits[:, heads != head] = float("-inf")
-        assert int(logits.amax(dim=(0, 2)).argmax()) == planted
+    q = torch.randn(kv_heads * group, dim, generator=gen)
+    keys[3, 2] = 5 * q[0]  # head 0's best key, in chunk 3
+    keys[9, 0] = 5 * q[3]  # head 1's best key, in chunk 9
+    pool = pool_of(keys, heads, [2, 3], kv_heads)
+    picks = pick(q.view(1, kv_heads, group, dim), pool.step(16))  # each head's chunks, best first
+    assert picks.shape == (2, 3)  # S = the largest selection for every head; head 0's third pick is unused
+    chosen = set(picks[0, :2].tolist()) | {6 + int(m) for m in picks[1]}  # head 1's chunks are 6-11
+    for planted in (3, 9):  # brute force: the chunk holding the highest q.k of the head
         assert planted in chosen
-    # and the selection equals the top chunks of the min/max bound computed chunk by chunk
-    expected = []
+    expected = set()
     for head, count in ((0, 2), (1, 3)):
         bounds = {}
         for m in range(chunks):
             if heads[m] == head:
-                qh = q[head * group : (head + 1) * group, 0]
+                qh = q[head * group : (head + 1) * group]
                 lo, hi = keys[m].min(0).values, keys[m].max(0).values
                 bounds[m] = max(float(torch.maximum(qq * lo, qq * hi).sum()) for qq in qh)
-        expected += sorted(bounds, key=bounds.get, reverse=True)[:count]
-    assert sorted(chosen) == sorted(expected)
+        expected |= set(sorted(bounds, key=bounds.get, reverse=True)[:count])
+    assert chosen == expected
 
 
 def test_dynamic_head_covering_the_prompt_is_exact():
@@ -51,19 +55,23 @@ def test_dynamic_head_covering_the_prompt_is_exact():
     kv_heads, length, dim, size = 2, 40, 8, 4
     k = torch.randn(1, kv_heads, length, dim, generator=gen)
     v = torch.randn(1, kv_heads, length, dim, generator=gen)
-    layer = CompressedLayer(kv_heads)
+    layer = CompressedLayer(kv_heads, ForwardBias())
+    layer.forward_bias.set(None, 1, length, k.dtype, k.device)
     layer.update(k, v)
-    protected = torch.zeros(kv_heads, length, dtype=torch.bool)
-    protected[:, :4] = protected[:, -4:] = True
-    protected[0] = True  # head 0 static, keeps all
-    layer.compress(protected)
+    keep = torch.zeros(1, kv_heads, length, dtype=torch.bool)
+    keep[:, :, :4] = keep[:, :, -4:] = True
+    keep[0, 0] = True  # head 0 static, keeps all
     positions = torch.arange(4, 36).view(8, size)  # head 1's chunks
-    layer.retriever = ChunkRetriever(k[0, 1][positions], v[0, 1][positions], torch.ones(8, dtype=torch.long),
-                                     positions[:, 0], torch.tensor([0, 8]))
+    slots = torch.tensor([[0, 8 * size]])
+    start = layer.compact(keep, slots)
+    item = HeadChunks(1, k[0, 1][positions], v[0, 1][positions], positions.to(torch.int32), 8)
+    layer.retriever = ChunkPool([[item]], kv_heads, start, layer.kept_width - 1)
     new_k, new_v = torch.randn(1, kv_heads, 1, dim, generator=gen), torch.randn(1, kv_heads, 1, dim, generator=gen)
+    layer.forward_bias.set(None, 1, 1, k.dtype, k.device)
     layer.update(new_k, new_v)
     q = torch.randn(1, 4, 1, dim, generator=gen)
-    out, _ = attend_layer(layer, q, 0.3)
+    out, _ = decode_step(q, layer.keys, layer.values, layer.bias, 0.3, layer.retriever.step(layer.keys.shape[2]),
+                         layer.stored)
     full_k = torch.cat([k, new_k], dim=2).repeat_interleave(2, dim=1)
     full_v = torch.cat([v, new_v], dim=2).repeat_interleave(2, dim=1)
     ref = F.scaled_dot_product_attention(q, full_k, full_v, scale=0.3).transpose(1, 2)
@@ -75,10 +83,11 @@ def test_static_heads_keep_the_top_text_prior_tokens():
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, seed=6)
     method = HybridKV(0.25, max_dynamic_share=0.0, kernel_size=7, window=8, sink_tokens=4)
-    with method.apply(model):
+    with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = kept_positions(engine.layers)
+        spans = engine._history[0][0].spans
     assert all(t == "static" for row in method.report.head_types for t in row)
-    spans = method._engine.spans
     model.config.text_config._attn_implementation = "eager"
     try:
         attentions = model(**inputs, output_attentions=True).attentions
@@ -87,7 +96,7 @@ def test_static_heads_keep_the_top_text_prior_tokens():
     length = spans.prompt_len
     positions = torch.arange(length)
     protected = (positions < 4) | ~spans.context | (positions >= length - 8)
-    for idx, layer in enumerate(method._engine.cache.layers):
+    for idx in range(len(kept)):
         prior = attentions[idx][0, :, spans.query_start :].mean(dim=1)  # (Hq, L)
         prior = prior.view(2, 2, length).mean(dim=1)
         scores = F.avg_pool1d(prior[:, None], 7, stride=1, padding=3)[:, 0]
@@ -96,8 +105,7 @@ def test_static_heads_keep_the_top_text_prior_tokens():
             n_free = budgets[h] - int(protected.sum())
             free_scores = scores[h].masked_fill(protected, float("-inf"))
             expected = set(free_scores.topk(n_free).indices.tolist()) | set(positions[protected].tolist())
-            kept = set(layer.prefix_positions[layer.prefix_heads == h].tolist())
-            assert kept == expected
+            assert set(kept[idx][0][h]) == expected
 
 
 # ----------------------------------------------------------------- profile
@@ -161,46 +169,68 @@ def test_offline_profile_drives_types_and_report(vl_profile):
                                              ("qwen2_5_vl", "video"), ("llama", "text")])
 def test_end_to_end_generate(model_type, kind):
     model = get_model(model_type)
-    inputs = make_inputs(kind)
+    inputs = {"image": lambda: visual_inputs(images=1, grid=24), "multi_image": lambda: visual_inputs(images=3, grid=16),
+              "video": lambda: visual_inputs(images=0, video_frames=4, grid=16), "text": lambda: make_inputs("text")}[kind]()
     method = HybridKV(0.4, chunk_size=4, window=4, max_dynamic_share=0.5, threshold=1.1)
     query = 8 if kind == "text" else None
-    with method.apply(model, query_tokens=query):
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    report = method.report
+    out, report, _, _ = run_under(model, method, inputs, query_tokens=query, max_new_tokens=6)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 6
     types = [t for row in report.head_types for t in row]
     assert "dynamic" in types and "static" in types
     assert report.attended_tokens_per_step < report.prompt_tokens
     assert report.compression_ratio > 1.5
-    assert method.report.to_dict()["extra"]["pool_chunks"]
+    assert sum(map(sum, report.extra["pool_chunks"])) > 0  # dynamic heads hold chunk pools
 
 
 def test_ten_percent_budget_holds_nine_times_less_in_all_tiers():
     model = tiny_model("qwen2_5_vl", hidden_size=256, heads=4, kv_heads=2, layers=2, seed=2)  # head_dim 64
-    inputs = visual_inputs(images=4, grid=32, seed=3)  # 1024 visual tokens, 1050 in all
+    inputs = visual_inputs(images=8, grid=32, seed=3)  # 2048 visual tokens, 2082 in all
     ref = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     full = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
                for layer in ref.past_key_values.layers)
+    reports = {}
     for store in ("device", "host"):
-        method = HybridKV(0.1, store=store, threshold=1.1)
-        with method.apply(model):
-            model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        cache = method._engine.cache
-        walked = walked_bytes(cache) + sum(walked_bytes_of(layer.retriever) for layer in cache.layers)
-        report = method.report
+        _, report, _, walked = run_under(model, HybridKV(0.1, store=store, threshold=1.1), inputs, max_new_tokens=4)
         assert walked == report.resident_kv_bytes + report.offloaded_kv_bytes
         assert report.full_kv_bytes == full
-        assert full / walked >= 9.0
         assert (report.offloaded_kv_bytes > 0) == (store == "host")
+        assert "dynamic" in [t for row in report.head_types for t in row]
+        reports[store] = report
+    # the device store keeps the dynamic heads' pools in their rows' unused columns
+    device = reports["device"]
+    assert full / (device.resident_kv_bytes + device.offloaded_kv_bytes) >= 9.0
+    # the host store moves the pools off the device: less resident, more in all (the rows stay as wide)
+    assert reports["host"].resident_kv_bytes <= device.resident_kv_bytes
 
 
-def walked_bytes_of(obj) -> int:
-    if obj is None:
-        return 0
-    return sum(v.untyped_storage().nbytes() for v in vars(obj).values() if isinstance(v, torch.Tensor))
-
-
-def test_retriever_refuses_to_select_more_chunks_than_a_head_holds():
-    keys = torch.zeros(4, 2, 8)
+def test_a_head_cannot_select_more_chunks_than_it_holds():
+    keys = torch.zeros(2, 2, 8)
     with pytest.raises(ValueError, match="cannot attend more chunks"):
-        ChunkRetriever(keys, keys, torch.tensor([0, 0, 1, 1]), torch.arange(4) * 2, torch.tensor([2, 3]))
+        HeadChunks(0, keys, keys, torch.zeros(2, 2, dtype=torch.int32), 3)
+
+
+# ----------------------------------------------------------------- any budget works
+def test_budget_below_the_protected_tokens_keeps_what_it_must_and_says_so():
+    """HybridKV(0.1) on a 30-token prompt: every head keeps its sinks, question and window (the
+    budget is exceeded, and the report says by how much); generation runs."""
+    model = get_model("llama")
+    inputs = text_inputs(30, seed=3)
+    out, report, kept, _ = run_under(model, HybridKV(0.1, window=4), inputs, query_tokens=8, max_new_tokens=4)
+    assert out.shape[1] == 34
+    must = list(range(4)) + list(range(22, 30))  # sinks, then the question (which holds the window)
+    assert all(head == must for layer in kept for head in layer[0])
+    assert report.budget_exceeded_tokens == sum(len(must) - 3 for _ in range(2) for _ in range(2))
+    assert report.extra["degraded_layers"] == 2
+
+
+def test_budget_between_must_and_all_text_prunes_the_other_text_by_score():
+    """A vision prompt whose text does not fit the budget: sinks, question and window are kept,
+    the other text and the visual tokens compete by score within the budget."""
+    model = get_model("qwen2_5_vl")
+    inputs = visual_inputs(images=3, grid=8, seed=1, text_before=30, question=6)
+    length = inputs["input_ids"].shape[1]
+    budget = 30
+    _, report, kept, _ = run_under(model, HybridKV(budget, window=4, max_dynamic_share=0.0), inputs, max_new_tokens=2)
+    assert report.budget_exceeded_tokens == 0
+    assert all(len(head) == budget for layer in kept for head in layer[0])
+    assert all(set(range(4)) | set(range(length - 6, length)) <= set(head) for layer in kept for head in layer[0])

@@ -1,18 +1,10 @@
 """Each method keeps what its definition says, checked against references computed here."""
 
 import torch.nn.functional as F
+from conftest import run_under
 
 from hybridkv import AdaKV, SnapKV, StreamingLLM
 from hybridkv.models.tiny import text_inputs, tiny_model
-
-
-def kept_positions(method):
-    """Per layer, per KV head: sorted kept prompt positions of the last run."""
-    out = []
-    for layer in method._engine.cache.layers:
-        heads, pos = layer.prefix_heads.long(), layer.prefix_positions.long()
-        out.append([sorted(pos[heads == h].tolist()) for h in range(layer.kv_heads)])
-    return out
 
 
 def eager_attentions(model, inputs):
@@ -26,9 +18,8 @@ def eager_attentions(model, inputs):
 
 
 def run(model, method, inputs):
-    with method.apply(model):
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    return kept_positions(method)
+    """Per layer, per KV head: sorted kept prompt positions of one sequence."""
+    return [rows[0] for rows in run_under(model, method, inputs)[2]]
 
 
 def reference_snap_scores(attn, kv_heads, window, kernel):

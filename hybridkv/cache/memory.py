@@ -5,35 +5,25 @@ from __future__ import annotations
 import torch
 
 
-def held_bytes(obj: object) -> dict[str, int]:
-    """Bytes of the distinct tensor storages referenced by ``obj``'s attributes, by device type.
+def held_bytes(layer: object) -> dict[str, int]:
+    """Bytes of the distinct tensor storages a cache layer holds, by device type.
 
-    Walks the attributes of ``obj`` (and of lists, tuples, dicts and objects with ``__dict__``
-    one level below it, e.g. a retriever), counting every storage once, so views and
-    preallocated slack are counted as the allocation they belong to.
+    Counts every tensor attribute of the layer and of its retriever (the chunk pool), each
+    storage once, so views and preallocated slack are counted as the allocation they belong to.
 
     Returns:
         ``{"cpu": bytes, "cuda": bytes, ...}`` for every device type holding something.
     """
     seen: set[int] = set()
     out: dict[str, int] = {}
-
-    def visit(value: object, depth: int) -> None:
-        if isinstance(value, torch.Tensor):
+    owners = [layer, getattr(layer, "retriever", None)]
+    for owner in filter(None, owners):
+        for value in vars(owner).values():
+            if not isinstance(value, torch.Tensor):
+                continue
             storage = value.untyped_storage()
             if storage.data_ptr() in seen or storage.nbytes() == 0:
-                return
+                continue
             seen.add(storage.data_ptr())
             out[value.device.type] = out.get(value.device.type, 0) + storage.nbytes()
-        elif depth > 0 and isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item, depth - 1)
-        elif depth > 0 and isinstance(value, dict):
-            for item in value.values():
-                visit(item, depth - 1)
-        elif depth > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
-            for item in vars(value).values():
-                visit(item, depth - 1)
-
-    visit(obj, 3)
     return out

@@ -3,13 +3,19 @@ for Efficient LLM Inference")."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hybridkv.methods.base import LayerContext, Method
-from hybridkv.scoring import snap_scores, top_mask
+from hybridkv.decisions import LayerContext, Plan
+from hybridkv.methods.base import check_share
+from hybridkv.methods.registry import register
+from hybridkv.methods.snapkv import SnapKV
 
 
-class AdaKV(Method):
+@register
+@dataclass(eq=False, kw_only=True)
+class AdaKV(SnapKV):
     """SnapKV scores, but a layer's budget (``tokens_per_head x kv_heads``) is shared among its
     KV heads by one top-k over all heads' scores, so heads whose attention is concentrated
     give slots to heads whose attention is spread. Each head first gets a safeguard minimum of
@@ -18,28 +24,26 @@ class AdaKV(Method):
 
     Args:
         budget: fraction in (0, 1] of the prompt, or int tokens per KV head on average.
+        window_size / kernel_size: SnapKV's (see :class:`~hybridkv.methods.snapkv.SnapKV`).
         alpha_safeguard: share of the average head budget every head is guaranteed (0..1).
-        window_size / kernel_size: SnapKV scoring parameters (see :class:`SnapKV`).
     """
 
-    def __init__(
-        self, budget: float = 0.1, alpha_safeguard: float = 0.2, window_size: int = 64, kernel_size: int = 5
-    ) -> None:
-        super().__init__(budget)
-        if not 0.0 <= alpha_safeguard <= 1.0:
-            raise ValueError(f"alpha_safeguard must be in [0, 1], got {alpha_safeguard}.")
-        self.alpha_safeguard, self.window_size, self.kernel_size = alpha_safeguard, window_size, kernel_size
+    alpha_safeguard: float = 0.2
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        """(Hkv, L) mask with ``tokens_per_head x Hkv`` entries in all, unevenly per head."""
-        window = min(self.window_size, ctx.tokens_per_head)  # a budget below the window keeps its newest tokens
-        scores = snap_scores(ctx.queries, ctx.keys, window, self.kernel_size, ctx.scaling)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_share("alpha_safeguard", self.alpha_safeguard)
+
+    def head_counts(self, scores: torch.Tensor, ctx: LayerContext, plan: Plan) -> torch.Tensor:
+        """(Hkv,) tokens per head: each head's safeguard, then the layer's best remaining scores.
+
+        Every head's scores are attention probabilities summing to about 1, so they compare
+        across heads; the safeguarded entries rank first.
+        """
         kv_heads, length = scores.shape
-        total = ctx.tokens_per_head * kv_heads
-        floor = top_mask(scores, int(self.alpha_safeguard * ctx.tokens_per_head))
-        # Safeguarded entries rank first; the rest compete across heads (each head's scores are
-        # attention probabilities summing to about 1, so they are comparable).
-        ranked = torch.where(floor, torch.full_like(scores, float("inf")), scores)
-        flat_keep = torch.zeros(kv_heads * length, dtype=torch.bool, device=scores.device)
-        flat_keep[ranked.flatten().topk(total).indices] = True
-        return flat_keep.view(kv_heads, length)
+        floor = int(self.alpha_safeguard * ctx.tokens_per_head)
+        safe = torch.zeros_like(scores, dtype=torch.bool)
+        safe.scatter_(1, scores.topk(min(floor, length), dim=1).indices, True)
+        ranked = torch.where(safe, torch.full_like(scores, float("inf")), scores)
+        chosen = ranked.flatten().topk(min(ctx.tokens_per_head * kv_heads, ranked.numel())).indices
+        return torch.bincount(chosen // length, minlength=kv_heads)

@@ -4,12 +4,14 @@ Information Funneling")."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from hybridkv.methods.base import LayerContext, Method
+from hybridkv.decisions import LayerContext, Plan
+from hybridkv.methods.registry import register
+from hybridkv.methods.snapkv import SnapKV
 from hybridkv.models.architectures import ModelSpec
-from hybridkv.scoring import snap_scores, top_mask
 from hybridkv.spans import PromptSpans
 
 
@@ -43,44 +45,37 @@ def pyramid_budgets(layers: int, tokens_per_head: int, prompt_len: int, window: 
     return [window + min(room, math.floor(bottom - step * layer + 1e-9)) for layer in range(layers)]
 
 
-class PyramidKV(Method):
-    """Layer budgets shrink linearly with depth (lower layers attend broadly, higher layers
-    focus on few tokens: "pyramidal information funneling"); inside a layer every KV head
-    keeps the same number of tokens, chosen by SnapKV scores (the observation window's
-    attention, pooled over neighbours; see :class:`~hybridkv.methods.snapkv.SnapKV`). The
-    layer budgets' mean is the budget (see :func:`pyramid_budgets`).
+@register
+@dataclass(eq=False, kw_only=True)
+class PyramidKV(SnapKV):
+    """SnapKV scores with layer budgets that shrink linearly with depth (lower layers attend
+    broadly, higher layers focus on few tokens: "pyramidal information funneling"); inside a
+    layer every KV head keeps the same number of tokens. The layer budgets' mean is the budget
+    (see :func:`pyramid_budgets`).
 
     Args:
         budget: fraction in (0, 1] of the prompt, or int tokens per KV head on average over
             the layers.
+        window_size / kernel_size: SnapKV's (see :class:`~hybridkv.methods.snapkv.SnapKV`).
         beta: the top layer keeps ``1 / beta`` of the average budget outside the window, the
             bottom layer ``2 - 1 / beta`` of it (bottom/top ratio ``2 beta - 1``). The paper
             and kvpress use 20; 1 is SnapKV.
-        window_size: observation window (kept by every layer, counts against the budget;
-            capped at the budget). kvpress uses 64.
-        kernel_size: SnapKV pooling width (odd). kvpress uses 5.
     """
 
-    def __init__(
-        self, budget: float = 0.1, beta: float = 20.0, window_size: int = 64, kernel_size: int = 5
-    ) -> None:
-        super().__init__(budget)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1.0:
-            raise ValueError(f"beta must be a number >= 1 (1: equal layer budgets; the paper uses 20), got {beta!r}.")
-        if window_size < 1 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"window_size must be >= 1 and kernel_size odd >= 1, got {window_size}, {kernel_size}.")
-        self.beta, self.window_size, self.kernel_size = float(beta), window_size, kernel_size
+    beta: float = 20.0
 
-    def begin_prompt(self, spec: ModelSpec, spans: PromptSpans, tokens_per_head: int) -> None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1.0:
+            raise ValueError(f"beta must be a number >= 1 (1: equal layer budgets; the paper uses 20), got {self.beta!r}.")
+        self.beta = float(self.beta)
+
+    def plan(self, spec: ModelSpec, spans: PromptSpans, tokens_per_head: int) -> Plan:
         """The per-layer budgets of this prompt."""
-        self.window = min(self.window_size, tokens_per_head)
-        self.layer_budgets = pyramid_budgets(spec.num_layers, tokens_per_head, spans.prompt_len, self.window, self.beta)
+        window = self.window(tokens_per_head)
+        budgets = pyramid_budgets(spec.num_layers, tokens_per_head, spans.prompt_len, window, self.beta)
+        return Plan(layer_tokens_per_head=budgets, window=window, beta=self.beta)
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        """(Hkv, L) mask: the window plus the best SnapKV scores, this layer's budget per head."""
-        scores = snap_scores(ctx.queries, ctx.keys, self.window, self.kernel_size, ctx.scaling)
-        return top_mask(scores, self.layer_budgets[ctx.layer_idx])
-
-    def report_extra(self) -> dict:
-        """Tokens per KV head of every layer, and the window kept by each."""
-        return {"layer_tokens_per_head": list(self.layer_budgets), "window": self.window, "beta": self.beta}
+    def head_counts(self, scores: torch.Tensor, ctx: LayerContext, plan: Plan) -> int:
+        """This layer's budget, the same for every head."""
+        return plan.extra["layer_tokens_per_head"][ctx.layer_idx]

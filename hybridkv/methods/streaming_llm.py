@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from hybridkv.methods.base import LayerContext, Method
+from hybridkv.decisions import LayerContext, Plan
+from hybridkv.methods.base import Method, check_int
+from hybridkv.methods.registry import register
 
 
+@register
+@dataclass(eq=False, kw_only=True)
 class StreamingLLM(Method):
     """Keeps the first ``sink_tokens`` prompt tokens (attention sinks) and the most recent ones,
     the same in every head.
@@ -16,14 +22,14 @@ class StreamingLLM(Method):
         sink_tokens: leading tokens always kept (the paper uses 4); counts against the budget.
     """
 
-    def __init__(self, budget: float = 0.1, sink_tokens: int = 4) -> None:
-        super().__init__(budget)
-        if sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}.")
-        self.sink_tokens = sink_tokens
+    sink_tokens: int = 4
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        """(Hkv, L) mask: sinks + the most recent tokens, ``tokens_per_head`` in all."""
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("sink_tokens", self.sink_tokens, 0)
+
+    def select(self, ctx: LayerContext, plan: Plan) -> torch.Tensor:
+        """(Hkv, S) mask: sinks + the most recent tokens, ``tokens_per_head`` in all."""
         kv_heads, length = ctx.keys.shape[:2]
         n = ctx.tokens_per_head
         sinks = min(self.sink_tokens, n)

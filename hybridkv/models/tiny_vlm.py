@@ -387,6 +387,7 @@ def load_tiny_vlm(
     path: str | Path = ASSET_DIR,
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessor]:
     """Load the bundled (or any saved) tiny VLM offline, in eval mode.
 
@@ -394,6 +395,7 @@ def load_tiny_vlm(
         path: asset directory written by :func:`save_tiny_vlm`.
         dtype: parameter dtype after loading (weights are stored in fp16).
         verify: check ``checksums.sha256`` first.
+        device: where the model goes.
 
     Returns:
         ``(model, tokenizer, image_processor)``.
@@ -410,7 +412,7 @@ def load_tiny_vlm(
         path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
     )
     model.generation_config = generation_config(tokenizer)
-    return model.eval(), tokenizer, image_processor
+    return model.to(device).eval(), tokenizer, image_processor
 
 
 __all__ = [
