@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybridkv.models.tiny import text_inputs, tiny_model, visual_inputs
+from hybridkv.models.tiny import family_inputs, text_inputs, tiny_model, visual_inputs
 
 torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
 
@@ -15,13 +15,28 @@ CASES = [
     ("qwen2_vl", "image"),
     ("qwen2_vl", "multi_image"),
     ("qwen2_vl", "video"),
+    ("qwen3_vl", "image"),
+    ("qwen3_vl", "multi_image"),
+    ("qwen3_vl", "video"),
+    ("llava_onevision", "image"),
+    ("llava_onevision", "multi_image"),
+    ("llava_onevision", "video"),
+    ("internvl", "image"),
+    ("internvl", "multi_image"),
+    ("internvl", "video"),
     ("qwen2", "text"),
+    ("qwen3", "text"),
     ("llama", "text"),
 ]
+FAMILY_PROMPTS = ("qwen3_vl", "llava_onevision", "internvl")
+"""Families whose prompts are built from the model's config (``family_inputs``)."""
 
 
-def make_inputs(kind: str, seed: int = 0) -> dict:
-    """Prompt of the given kind for the tiny models (about 70-150 tokens)."""
+def make_inputs(kind: str, seed: int = 0, model_type: str | None = None) -> dict:
+    """Prompt of the given kind for the tiny models (about 50-180 tokens); the Qwen2.5-VL /
+    Qwen2-VL layout unless ``model_type`` is one of :data:`FAMILY_PROMPTS`."""
+    if model_type in FAMILY_PROMPTS:
+        return family_inputs(get_model(model_type).config, kind, seed=seed)
     if kind == "image":
         return visual_inputs(images=1, grid=12, seed=seed)
     if kind == "multi_image":
@@ -45,7 +60,7 @@ def get_model(model_type: str):
 def case(request):
     """(model, inputs, model_type, kind) for each supported architecture and input kind."""
     model_type, kind = request.param
-    return get_model(model_type), make_inputs(kind), model_type, kind
+    return get_model(model_type), make_inputs(kind, model_type=model_type), model_type, kind
 
 
 def walked_bytes(obj) -> int:

@@ -10,10 +10,16 @@ import torch
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
+    "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration)",
+    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)",
+    "internvl": "InternVL (InternVLForConditionalGeneration)",
     "qwen2": "Qwen2 / Qwen2.5 text decoders (Qwen2ForCausalLM)",
+    "qwen3": "Qwen3 text decoders (Qwen3ForCausalLM)",
     "llama": "Llama text decoders (LlamaForCausalLM, e.g. SmolLM2)",
 }
-MULTIMODAL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+"""Keys are the outer ``config.model_type`` transformers gives each architecture (a composite
+vision-language model reports its own type, e.g. ``"llava_onevision"``, not its decoder's)."""
+MULTIMODAL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision", "internvl")
 
 
 class UnsupportedModelError(ValueError):
@@ -63,10 +69,12 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
             f"load it with the *ForCausalLM / *ForConditionalGeneration class. Supported: {_supported_list()}."
         )
     text = config.get_text_config(decoder=True)
-    if getattr(text, "use_sliding_window", False):
+    if _has_sliding_layers(text):
         raise UnsupportedModelError("hybridkv does not support sliding-window attention layers; set use_sliding_window=False.")
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    # LLaVA-OneVision stores them as image_token_index / video_token_index, which its config
+    # also answers as *_token_id; InternVL has no video id (video frames are images to it).
     visual = tuple(
         int(i) for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None
     ) if model_type in MULTIMODAL_MODEL_TYPES else ()
@@ -82,6 +90,14 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
         visual_token_ids=visual,
         turn_end_ids=turn_end,
     )
+
+
+def _has_sliding_layers(text) -> bool:
+    """Whether any decoder layer of the text config ``text`` attends through a sliding window."""
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return any(kind == "sliding_attention" for kind in layer_types)
+    return bool(getattr(text, "use_sliding_window", False))
 
 
 def text_config(model: torch.nn.Module):
