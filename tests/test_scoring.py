@@ -1,0 +1,44 @@
+"""Scores from query blocks equal scores from the whole attention matrix, and no block exceeds
+its byte bound (a long question never materialises (Hq, question, prompt) probabilities)."""
+
+import torch
+
+from hybridkv.scoring import attention_blocks, column_sums, mean_attention, snap_scores
+
+
+def full_attention(queries, keys, scaling):
+    """(Hkv, G, Lq, Lk) float64 causal attention written out: query i sits at key Lk - Lq + i."""
+    hq, lq, dim = queries.shape
+    kv, lk = keys.shape[:2]
+    q = queries.reshape(kv, hq // kv, lq, dim).double()
+    logits = torch.einsum("hgqd,hkd->hgqk", q, keys.double()) * scaling
+    future = torch.arange(lk)[None, :] > (torch.arange(lq) + lk - lq)[:, None]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+
+
+def inputs(seed=0, hq=6, kv=2, lq=37, lk=90, dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(hq, lq, dim, generator=gen), torch.randn(kv, lk, dim, generator=gen)
+
+
+def test_blocks_cover_the_rows_within_their_bound():
+    queries, keys = inputs()
+    bound = 4 * 6 * 90 * 5  # five rows per block
+    blocks = list(attention_blocks(queries, keys, 3, 0.3, block_bytes=bound))
+    assert [first for first, _ in blocks] == list(range(3, 37, 5))
+    assert all(probs.numel() * 4 <= bound for _, probs in blocks)
+    whole = torch.cat([probs for _, probs in blocks], dim=2)
+    assert torch.allclose(whole.double(), full_attention(queries, keys, 0.3)[:, :, 3:], atol=1e-6)
+
+
+def test_mean_attention_and_column_sums_match_the_whole_matrix():
+    queries, keys = inputs(seed=1)
+    attn = full_attention(queries, keys, 0.3)
+    assert torch.allclose(mean_attention(queries, keys, 20, 0.3).double(), attn[:, :, 20:].mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(column_sums(queries, keys, 0.3).double(), attn.sum(dim=2).mean(dim=1), atol=1e-5)
+
+
+def test_snap_scores_keep_the_window_first():
+    queries, keys = inputs(seed=2, lq=90)
+    scores = snap_scores(queries, keys, 8, 5, 0.3)
+    assert torch.isinf(scores[:, -8:]).all() and torch.isfinite(scores[:, :-8]).all()
