@@ -338,13 +338,14 @@ class Engine:
         stored = [layer.stored_per_head() for layer in layers]  # (layers, B, H)
         per_token = spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * element
         attended = self._attended / max(1, self._steps) / (batch * spec.num_kv_heads)
-        first = self._history[0]
         generated = seen - self._prompt_width
         sequences = []
-        for b in range(batch):
-            row = first[b]
+        for b, origin in enumerate(layers[0].origins):
+            # a compression made before the cache was repeated or narrowed is indexed by prompt row
+            mine = [segments[b] if len(segments) == batch else segments[origin] for segments in self._history]
+            row = mine[0]
             extra = row.plan.report_extra()
-            later = [segments[b].plan.report_extra() for segments in self._history[1:]]
+            later = [segment.plan.report_extra() for segment in mine[1:]]
             if later:
                 extra["later_turns"] = later
             heads = [layer_rows[b] for layer_rows in stored]
@@ -358,7 +359,7 @@ class Engine:
                 layer_budgets=[sum(h) for h in heads], head_budgets=heads,
                 head_types=extra.pop("head_types", None), profile_source=extra.pop("profile_source", None),
                 compressions=len(self._history),
-                budget_exceeded_tokens=sum(sum(segments[b].plan.exceeded.values()) for segments in self._history),
+                budget_exceeded_tokens=sum(sum(segment.plan.exceeded.values()) for segment in mine),
                 extra=extra,
             ))
         if batch == 1:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import get_model, run_under
 from test_positions import left_padded
+from transformers import DynamicCache
 
 from hybridkv import AdaKV, FullKV, HybridKV, Quest, SnapKV
 from hybridkv.models.tiny import text_inputs, visual_inputs
@@ -98,3 +99,19 @@ def test_sampling_several_sequences_is_exact_at_full_budget():
     torch.manual_seed(11)
     out, report, _, _ = run_under(model, FullKV(), prompt, **kwargs)
     assert torch.equal(out, ref) and report.batch_size == 3
+
+
+def test_a_compressed_cache_repeated_into_several_sequences_decodes_each_like_the_original():
+    """batch_repeat_interleave on a compressed cache (as generate() expands a prompt after its
+    prefill): every copy decodes like the original, and the report maps rows to the prompt."""
+    model, prompt = get_model("llama"), text_inputs(100, seed=8)
+    method = HybridKV(0.4, threshold=1.1, chunk_size=4)
+    with torch.inference_mode(), method.apply(model, query_tokens=16) as engine:
+        cache = DynamicCache()
+        out = model(**prompt, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        cache.batch_repeat_interleave(3)
+        steps = model(input_ids=token.expand(3, 1), past_key_values=cache, use_cache=True).logits
+        report = engine.report
+    assert torch.allclose(steps[0], steps[1]) and torch.allclose(steps[0], steps[2])
+    assert report.batch_size == 3 and [s.prompt_tokens for s in report.sequences] == [100] * 3

@@ -80,6 +80,8 @@ class CompressedLayer(CacheLayerMixin):
         seen: tokens seen (prompt and every later token). stored: columns in use.
         kept_width: columns of the kept region; the uncompressed region is ``[kept_width, stored)``.
         compressions: how many times the layer was compressed.
+        origins: the prompt row each sequence came from (a cache repeated into beams or samples
+            after its prompt, or narrowed to some sequences, maps its rows back to the prompt's).
         retriever: a :class:`~hybridkv.cache.ChunkPool` filling the retrieval slots at every
             decoding step, or None.
         kept_attended: entries of the kept region that rows attend (kept entries and real
@@ -107,6 +109,7 @@ class CompressedLayer(CacheLayerMixin):
         """Record dtype, device, batch and head size from the first keys (B, H, Q, D)."""
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, _, _, self.head_dim = key_states.shape
+        self.origins = list(range(self.batch))
         self.keys = torch.empty(self.batch, self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
         self.bias = torch.empty(self.batch, self.kv_heads, 1, 0, dtype=self.dtype, device=self.device)
@@ -166,12 +169,14 @@ class CompressedLayer(CacheLayerMixin):
         if self.is_initialized:
             self._select_rows(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
             self.kept_attended *= repeats
+            self.origins = [origin for origin in self.origins for _ in range(repeats)]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the sequences ``indices``."""
         if self.is_initialized:
             self._select_rows(indices.to(self.device))
             self.kept_attended = int((self.bias[:, :, 0, : self.kept_width] == 0).sum())
+            self.origins = [self.origins[i] for i in indices.tolist()]
 
     def crop(self, max_length: int) -> None:
         """Forget the tokens seen after the first ``max_length`` (negative: drop that many).
