@@ -37,8 +37,9 @@ def decode_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     tensors: ``torch.compile(fullgraph=True)`` traces it).
 
     Args:
-        query: (B, Hq, 1, D) after RoPE. keys / values: (B, H, capacity, D) the layer's buffers;
-            the retrieval slots are written in place. bias: (B, H, 1, capacity).
+        query: (B, Hq, 1, D) after RoPE. keys / values / bias: (B, H, capacity, D) /
+            (B, H, 1, capacity) the layer's buffers; retrieval writes its slots or opens its
+            picked chunks in the bias in place.
         pool: the layer's retrieval step (:meth:`~hybridkv.cache.ChunkPool.step`), or None.
         stored: attend the first ``stored`` columns only (None: the whole buffer, whose unused
             columns have a ``-inf`` bias; the compiled step does so, keeping shapes static).
@@ -47,7 +48,7 @@ def decode_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
     """
     batch, hq, _, dim = query.shape
     grouped = query.view(batch, keys.shape[1], hq // keys.shape[1], dim)  # (B, H, G, D)
-    chunks = retrieve(keys, values, grouped, pool) if pool is not None else None
+    chunks = retrieve(keys, values, bias, grouped, pool) if pool is not None else None
     if stored is not None:
         keys, values, bias = keys[:, :, :stored], values[:, :, :stored], bias[..., :stored]
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias, scale=scaling)
@@ -72,7 +73,7 @@ def segment_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     kv_heads, n = keys.shape[1], stored
     group = hq // kv_heads
     if retriever is not None:
-        retriever.fill(keys, values, query.reshape(batch, kv_heads, group * q_len, dim))
+        retriever.fill(keys, values, bias, query.reshape(batch, kv_heads, group * q_len, dim))
     keys, values, bias = keys[:, :, :n], values[:, :, :n], bias[..., :n]
     rows = max(1, MASK_BYTES // (batch * hq * n * bias.element_size()))
     columns = torch.arange(n, device=keys.device)

@@ -245,7 +245,8 @@ class Engine:
         pool = None
         if retriever is not None:
             if retriever.store == "host":
-                retriever.fill(layer.keys, layer.values, query.view(layer.batch, layer.kv_heads, -1, query.shape[-1]))
+                grouped = query.view(layer.batch, layer.kv_heads, -1, query.shape[-1])
+                retriever.fill(layer.keys, layer.values, layer.bias, grouped)
             else:
                 pool = retriever.step(layer.keys.shape[2])
         stored = None if self.compiled else layer.stored
@@ -299,14 +300,18 @@ class Engine:
                 for item in row:
                     slots[b, item.head] = item.select * item.keys.shape[1]
                     pooled[b, item.head] = item.keys.shape[0] * item.keys.shape[1]
-            attended = keep.sum(-1).cpu() + (layer.kept_positions >= 0).sum(-1).cpu() + slots
-            if store != "device" or int((attended + pooled).max()) > IN_ROW_SLACK * int(attended.max()):
-                pooled = None  # the pools keep their own storage
+            kept = keep.sum(-1).cpu() + (layer.kept_positions >= 0).sum(-1).cpu()
+            if store == "device" and int((kept + pooled).max()) <= IN_ROW_SLACK * int((kept + slots).max()):
+                slots = None  # the pools go into their rows; a step opens the picked chunks in the bias
+            else:
+                pooled = None  # the pools keep their own storage; a step copies the picks into slots
         start = layer.compact(keep, slots, pooled)
         layer.retriever = None
         if any(rows):
             in_row = (layer.keys, layer.values) if pooled is not None else None
             layer.retriever = ChunkPool(rows, layer.kv_heads, start, layer.kept_width - 1, store, in_row)
+            if in_row is not None:
+                layer.kept_attended += layer.retriever.attended_tokens()
         layer.observer = observer
 
     def cache_from_prefill(self, capture) -> DynamicCache:

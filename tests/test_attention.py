@@ -15,10 +15,11 @@ def append(layer, keys, values):
     layer.update(keys, values)
 
 
-def build(batch=2, kv_heads=3, prompt=40, dim=16, generated=5, chunks=True, dtype=torch.float32, seed=0):
+def build(batch=2, kv_heads=3, prompt=40, dim=16, generated=5, chunks=True, dtype=torch.float32, seed=0, in_row=False):
     """A compacted layer whose rows keep different numbers of entries; with ``chunks``, heads 0
     and 1 of every sequence retrieve 1 and 3 of their chunks per step. Returns the layer, the
-    prompt and generated K/V, the keep mask and the pools."""
+    prompt and generated K/V, the keep mask and the pools. ``in_row``: the pools live in their
+    rows (picked chunks opened in the bias) instead of their own storage (copied to slots)."""
     gen = torch.Generator().manual_seed(seed)
     layer = CompressedLayer(kv_heads, ForwardBias())
     k = torch.randn(batch, kv_heads, prompt, dim, generator=gen).to(dtype)
@@ -35,13 +36,16 @@ def build(batch=2, kv_heads=3, prompt=40, dim=16, generated=5, chunks=True, dtyp
                 free = (~keep[b, head]).nonzero().flatten()[: 4 * size].view(4, size)  # 4 chunks of evicted tokens
                 row.append(HeadChunks(head, k[b, head][free], v[b, head][free], free.to(torch.int32), select))
             pools.append(row)
-    slots = None
+    slots = pooled = None
     if pools:
         slots = torch.zeros(batch, kv_heads, dtype=torch.long)
         slots[:, 0], slots[:, 1] = 1 * 4, 3 * 4
-    start = layer.compact(keep, slots)
+        if in_row:
+            pooled, slots = torch.where(slots > 0, 4 * 4, 0), None
+    start = layer.compact(keep, slots, pooled)
     if pools:
-        layer.retriever = ChunkPool(pools, kv_heads, start, layer.kept_width - 1)
+        buffers = (layer.keys, layer.values) if in_row else None
+        layer.retriever = ChunkPool(pools, kv_heads, start, layer.kept_width - 1, layer=buffers)
     new_k = torch.randn(batch, kv_heads, generated, dim, generator=gen).to(dtype)
     new_v = torch.randn(batch, kv_heads, generated, dim, generator=gen).to(dtype)
     for t in range(generated):
@@ -82,9 +86,10 @@ def picked_chunks(layer, pools, query, group):
     return picked
 
 
-@pytest.mark.parametrize("chunks", [False, True], ids=["kept-only", "with-retrieval"])
-def test_decode_step_matches_reference(chunks):
-    layer, k, v, keep, new_k, new_v, pools = build(chunks=chunks)
+@pytest.mark.parametrize("chunks,in_row", [(False, False), (True, False), (True, True)],
+                         ids=["kept-only", "retrieval-slots", "retrieval-in-row"])
+def test_decode_step_matches_reference(chunks, in_row):
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=chunks, in_row=in_row)
     query = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(9))
     pool = layer.retriever.step(layer.keys.shape[2]) if chunks else None
     out, picked = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, pool, layer.stored)
@@ -105,8 +110,9 @@ def test_whole_buffer_with_bias_equals_the_stored_columns():
     assert torch.allclose(stored, whole, atol=1e-6)
 
 
-def test_several_queries_are_causal_among_new_tokens():
-    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, generated=4)
+@pytest.mark.parametrize("in_row", [False, True], ids=["slots", "in-row"])
+def test_several_queries_are_causal_among_new_tokens(in_row):
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, generated=4, in_row=in_row)
     query = torch.randn(2, 6, 3, 16, generator=torch.Generator().manual_seed(4))  # the newest 3 tokens' queries
     out = segment_attention(query, layer.keys, layer.values, layer.bias, layer.stored, 0.25, layer.retriever)
     # one retrieval for the forward: the bound is the max over every query row of the group
@@ -123,7 +129,7 @@ def test_several_queries_are_causal_among_new_tokens():
 
 def test_bfloat16_step_matches_a_float64_reference():
     """Keys and values in bf16; logits and softmax accumulate in fp32 inside SDPA."""
-    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, dtype=torch.bfloat16)
+    layer, k, v, keep, new_k, new_v, pools = build(chunks=True, dtype=torch.bfloat16, in_row=True)
     query = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     pool = layer.retriever.step(layer.keys.shape[2])
     out, _ = decode_step(query, layer.keys, layer.values, layer.bias, 0.25, pool, layer.stored)
@@ -132,21 +138,22 @@ def test_bfloat16_step_matches_a_float64_reference():
     assert (out.double() - expected).abs().max() < 2e-2
 
 
-def test_compiled_step_equals_eager_step():
-    layer, *_ = build(chunks=True)
+@pytest.mark.parametrize("in_row", [False, True], ids=["slots", "in-row"])
+def test_compiled_step_equals_eager_step(in_row):
+    layer, *_ = build(chunks=True, in_row=in_row)
     query = torch.randn(2, 6, 1, 16)
     pool = layer.retriever.step(layer.keys.shape[2])
-    keys, values = layer.keys.clone(), layer.values.clone()
-    eager, eager_picks = decode_step(query, keys, values, layer.bias, 0.25, pool, None)
+    keys, values, bias = layer.keys.clone(), layer.values.clone(), layer.bias.clone()
+    eager, eager_picks = decode_step(query, keys, values, bias, 0.25, pool, None)
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=True)
     out, picks = compiled(query, layer.keys, layer.values, layer.bias, 0.25, pool, None)
     assert torch.equal(picks, eager_picks)
     assert torch.allclose(out, eager, atol=1e-6)
-    assert torch.equal(layer.keys, keys)  # the slots were written in place the same way
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.bias, bias)  # same slots written / chunks opened
 
 
 def test_decode_step_does_not_synchronise():
-    layer, *_ = build(chunks=True)
+    layer, *_ = build(chunks=True, in_row=True)
     query = torch.randn(2, 6, 1, 16)
     pool = layer.retriever.step(layer.keys.shape[2])
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -6,26 +6,27 @@ keys (as in Quest). At every decoding step each chunk is scored by the upper bou
 ``q . k`` over the chunk, ``sum_d max(q_d min_d, q_d max_d)`` (max over the query rows of the
 GQA group); with the box's centre ``c = (max + min) / 2`` and radius ``r = (max - min) / 2``
 that bound is ``q . c + |q| . r``, one matrix product of ``[q, |q|]`` with the stacked summary
-``[c; r]``. Each row takes its best ``select`` chunks, and their keys and values are copied into
-the row's retrieval slots of the layer (:class:`~hybridkv.cache.CompressedLayer`), where the
-one attention call of the step reads them beside the row's kept entries.
+``[c; r]``. Each row takes its best ``select`` chunks, which the one attention call of the step
+(:class:`~hybridkv.cache.CompressedLayer`) then reads beside the row's kept entries.
 
-Shapes are static per prompt and every index is flat, so a step is a dozen tensor ops whatever
-the number of heads or chunks, with no host synchronisation (device store): rows with fewer
-chunks are padded with ``-inf`` scores, rows that select fewer chunks than the largest
-selection write their extra picks to the layer's trash column.
+Where the chunks live decides how they are read:
 
-Where the chunks live:
+* **in the row** (``store="device"``, the default when it fits): a row's pool occupies columns
+  of its own row of the layer, after its kept entries. A layer is one rectangle as wide as its
+  widest row, so a retrieving row (few attended entries) has unused columns anyway: its pool
+  fills them at no extra memory, and the attention reads them anyway. A step only opens the
+  picked chunks' columns in the attention bias (0) and closes the others (``-inf``): nothing
+  is copied.
+* **in the pool's own storage**, when in-row pools would widen the rectangle by more than
+  :data:`IN_ROW_SLACK` (Quest, whose pool is the whole prompt: the attention must not read it),
+  or in CPU memory (``store="host"``, pinned when the model is on a GPU): a step copies the
+  picked chunks into the row's retrieval slots. The host store needs the picks on the host:
+  one synchronisation per layer and step. The summaries always stay on the device.
 
-* ``"device"``, **in the row** (the default when it fits): a row's pool occupies columns of
-  its own row of the layer, after its slots, with a ``-inf`` bias. A layer is one rectangle as
-  wide as its widest row, so a retrieving row (few attended entries) has unused columns anyway;
-  its pool fills them at no extra memory, and the attention already reads them.
-* ``"device"``, in the pool's own storage, when the pools would widen the rectangle by more than
-  :data:`IN_ROW_SLACK` (Quest, whose pool is the whole prompt: the attention must not read it).
-* ``"host"``: in CPU memory, pinned when the model is on a GPU; the step copies the selected
-  chunks to the device, which needs the selection on the host: one synchronisation per layer
-  and step. The summaries always stay on the device.
+Shapes are static per prompt and every index is flat, so a step is a handful of tensor ops
+whatever the number of heads or chunks, with no host synchronisation (device store): heads with
+fewer chunks are padded with ``-inf`` scores; heads that select fewer chunks than the largest
+selection ignore (in-row) or send to the layer's trash column (slots) their extra picks.
 """
 
 from __future__ import annotations
@@ -83,44 +84,51 @@ class PoolStep(NamedTuple):
     query_rows: torch.Tensor  # (B*P,) row of each retrieving head among the (B*H) query groups
     summary: torch.Tensor  # (B*P, 2D, Mh)
     chunk_bias: torch.Tensor  # (B*P, Mh)
-    sources: torch.Tensor  # (B*P, Mh, C) row of every chunk token in the source (N, D)
-    targets: torch.Tensor  # (B*P*S*C,) row of the layer's (B*H*capacity, D) view each picked token goes to
-    keys: torch.Tensor | None  # (N, D) chunk keys of an own store; None: the chunks are in the layer's rows
-    values: torch.Tensor | None
     select: int  # S
+    taken: torch.Tensor  # (B*P, S) bool: which of a head's S picks it attends (its own selection)
+    bias_rows: torch.Tensor | None  # in-row: (B*P*Mh*C,) row of the layer's flat bias for every chunk token
+    sources: torch.Tensor | None  # own store: (B*P, Mh, C) row of every chunk token in the store
+    targets: torch.Tensor | None  # own store: (B*P*S*C,) row of the layer's (B*H*capacity, D) view per pick
+    keys: torch.Tensor | None  # own store: (N, D) chunk keys
+    values: torch.Tensor | None
 
 
 def pick(query: torch.Tensor, pool: PoolStep) -> torch.Tensor:
     """Each retrieving head's best chunks for the step's queries (B, H, R, D) grouped by KV head.
 
     Returns:
-        (B*P, S) the picked chunks (indices among the head's Mh chunks).
+        (B*P, S) the picked chunks (indices among the head's Mh chunks), best first.
     """
     mine = query.flatten(0, 1).index_select(0, pool.query_rows)  # (B*P, R, D)
     bound = torch.bmm(torch.cat([mine, mine.abs()], dim=-1), pool.summary).amax(dim=1)  # (B*P, Mh)
     return (bound + pool.chunk_bias).topk(pool.select, dim=-1).indices
 
 
-def retrieve(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, pool: PoolStep) -> torch.Tensor:
-    """One retrieval step (device store): :func:`pick`, then copy the picked chunks into the slots.
+def retrieve(keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, query: torch.Tensor,
+             pool: PoolStep) -> torch.Tensor:
+    """One retrieval step (device store): :func:`pick`, then open the picked chunks' columns in
+    the bias (in-row pools) or copy the picked chunks into the slots (own store).
 
     A pure function of tensors, so ``torch.compile(fullgraph=True)`` traces it.
 
     Args:
-        keys / values: (B, H, capacity, D) the layer's whole (contiguous) buffers, written in place.
+        keys / values: (B, H, capacity, D) the layer's whole (contiguous) buffers.
+        bias: (B, H, 1, capacity) the layer's whole bias; keys, values or bias are written in place.
         query: (B, H, R, D) the step's queries grouped by KV head.
     Returns:
         (B*P, S) the picked chunks.
     """
-    dim = query.shape[-1]
     picks = pick(query, pool)
-    size = pool.sources.shape[-1]
-    rows = pool.sources.gather(1, picks[..., None].expand(-1, -1, size)).flatten()  # (B*P*S*C,)
-    flat_keys, flat_values = keys.view(-1, dim), values.view(-1, dim)
-    source_keys = flat_keys if pool.keys is None else pool.keys
-    source_values = flat_values if pool.values is None else pool.values
-    flat_keys.index_copy_(0, pool.targets, source_keys.index_select(0, rows))
-    flat_values.index_copy_(0, pool.targets, source_values.index_select(0, rows))
+    if pool.bias_rows is not None:
+        chosen = torch.zeros_like(pool.chunk_bias, dtype=torch.bool).scatter_(1, picks, pool.taken)  # (B*P, Mh)
+        opened = torch.zeros(chosen.shape, dtype=bias.dtype, device=bias.device).masked_fill_(~chosen, float("-inf"))
+        size = pool.bias_rows.shape[0] // opened.numel()
+        bias.view(-1).index_copy_(0, pool.bias_rows, opened[..., None].expand(-1, -1, size).flatten())
+        return picks
+    dim = query.shape[-1]
+    rows = pool.sources.gather(1, picks[..., None].expand(-1, -1, pool.sources.shape[-1])).flatten()  # (B*P*S*C,)
+    keys.view(-1, dim).index_copy_(0, pool.targets, pool.keys.index_select(0, rows))
+    values.view(-1, dim).index_copy_(0, pool.targets, pool.values.index_select(0, rows))
     return picks
 
 
@@ -130,8 +138,8 @@ class ChunkPool:
     Args:
         rows: per sequence, its retrieving heads' :class:`HeadChunks`.
         kv_heads: KV heads of the layer (H).
-        slot_start: (B, H) first retrieval-slot column of every row in the layer; an in-row
-            pool starts right after the row's slots.
+        start: (B, H) first column after each row's kept entries: its pool (in-row) or its
+            retrieval slots (own store).
         trash: the layer's trash column (never attended).
         store: ``"device"`` or ``"host"``.
         layer: the layer's (keys, values) buffers to write in-row pools into, or None for the
@@ -144,14 +152,15 @@ class ChunkPool:
             (the bytes of a min and a max per chunk), in the keys' dtype.
         chunk_bias: (B*P, Mh) in the keys' dtype, 0 for a real chunk and -inf for padding.
         heads: (B, P) long KV head of each retrieving head (padding: head 0, never selected).
-        columns: (B, P, Mh, C) long layer column of every in-row chunk token, or None.
+        selects: (B, P) long chunks each head attends per step. taken: (B*P, S) bool pick ranks it attends.
+        columns: (B, P, Mh, C) long layer column of every chunk token (in-row; padding: trash).
         keys / values: (B*Mseq*C, D) the pool's own storage (every sequence's chunks, Mseq the
             most of a sequence), or None for in-row pools.
-        slots: (B, P, S, C) long layer column each selected token is written to.
+        slots: (B, P, S, C) long layer column each picked token is copied to (own store).
         select: S. last_picks: (B*P, S) chunks picked at the last step.
     """
 
-    def __init__(self, rows: list[list[HeadChunks]], kv_heads: int, slot_start: torch.Tensor, trash: int,
+    def __init__(self, rows: list[list[HeadChunks]], kv_heads: int, start: torch.Tensor, trash: int,
                  store: str = "device", layer: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if store not in ("device", "host"):
             raise ValueError(f"store must be 'device' or 'host', got {store!r}.")
@@ -167,32 +176,33 @@ class ChunkPool:
         summary = torch.zeros(batch, heads, 2 * dim, most, dtype=dtype, device=device)
         chunk_bias = torch.full((batch, heads, most), float("-inf"), dtype=dtype, device=device)
         self.heads = torch.zeros(batch, heads, dtype=torch.long, device=device)
-        self.slots = torch.full((batch, heads, self.select, size), trash, dtype=torch.long, device=device)
-        self.columns = None if layer is None else torch.full((batch, heads, most, size), trash, dtype=torch.long,
-                                                             device=device)
-        stored = None if layer is not None else torch.zeros(batch, total, size, dim, dtype=dtype, device=device)
+        self.selects = torch.zeros(batch, heads, dtype=torch.long, device=device)
+        in_row = layer is not None
+        self.columns = torch.full((batch, heads, most, size), trash, dtype=torch.long, device=device) if in_row else None
+        self.slots = None if in_row else torch.full((batch, heads, self.select, size), trash, dtype=torch.long,
+                                                    device=device)
+        stored = None if in_row else torch.zeros(batch, total, size, dim, dtype=dtype, device=device)
         stored_values = None if stored is None else torch.zeros_like(stored)
-        self._local = None if layer is not None else torch.zeros(batch, heads, most, size, dtype=torch.long,
-                                                                 device=device)  # own-store token rows
-        starts = slot_start.tolist()
+        self._local = None if in_row else torch.zeros(batch, heads, most, size, dtype=torch.long, device=device)
+        starts = start.tolist()
         token = torch.arange(size, device=device)
         for b, row in enumerate(rows):
             offset = 0
             for p, item in enumerate(row):
-                m, start = item.keys.shape[0], starts[b][item.head]
+                m, begin = item.keys.shape[0], starts[b][item.head]
                 self.positions[b, p, :m] = item.positions
                 low, high = item.keys.float().amin(dim=1), item.keys.float().amax(dim=1)  # (m, D)
                 summary[b, p, :, :m] = (torch.cat([high + low, high - low], dim=1).T / 2).to(dtype)
                 chunk_bias[b, p, :m] = 0.0
-                self.heads[b, p] = item.head
-                taken = start + torch.arange(item.select * size, device=device)
-                self.slots[b, p, : item.select] = taken.view(item.select, size)
-                if layer is not None:  # the pool's tokens go to the row's columns after its slots
-                    columns = start + item.select * size + torch.arange(m * size, device=device).view(m, size)
+                self.heads[b, p], self.selects[b, p] = item.head, item.select
+                if in_row:  # the pool's tokens go to the row's columns after its kept entries
+                    columns = begin + torch.arange(m * size, device=device).view(m, size)
                     self.columns[b, p, :m] = columns
                     layer[0][b, item.head, columns] = item.keys
                     layer[1][b, item.head, columns] = item.values
                 else:
+                    taken = begin + torch.arange(item.select * size, device=device)
+                    self.slots[b, p, : item.select] = taken.view(item.select, size)
                     stored[b, offset : offset + m] = item.keys
                     stored_values[b, offset : offset + m] = item.values
                     self._local[b, p, :m] = (b * total + offset + torch.arange(m, device=device))[:, None] * size + token
@@ -212,13 +222,15 @@ class ChunkPool:
         """Flat indices of the step for a layer buffer of ``capacity`` columns (recomputed when the
         layer grows or the sequences are reordered)."""
         batch, heads = self.heads.shape
-        groups = (torch.arange(batch, device=self.device)[:, None] * self.kv_heads + self.heads)  # (B, P)
+        groups = torch.arange(batch, device=self.device)[:, None] * self.kv_heads + self.heads  # (B, P)
         self.query_rows = groups.flatten()
-        self.targets = (groups[..., None, None] * capacity + self.slots).flatten()
+        self.taken = (torch.arange(self.select, device=self.device) < self.selects[..., None]).flatten(0, 1)
+        self.bias_rows = self.sources = self.targets = None
         if self.columns is not None:
-            self.sources = (groups[..., None, None] * capacity + self.columns).flatten(0, 1)
+            self.bias_rows = (groups[..., None, None] * capacity + self.columns).flatten()
         else:
             self.sources = self._local.flatten(0, 1)
+            self.targets = (groups[..., None, None] * capacity + self.slots).flatten()
         self.capacity = capacity
 
     @property
@@ -240,20 +252,19 @@ class ChunkPool:
             return None
         if capacity != self.capacity:
             self._index(capacity)
-        return PoolStep(self.query_rows, self.summary, self.chunk_bias, self.sources, self.targets, self.keys,
-                        self.values, self.select)
+        return PoolStep(self.query_rows, self.summary, self.chunk_bias, self.select, self.taken, self.bias_rows,
+                        self.sources, self.targets, self.keys, self.values)
 
-    def fill(self, keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> None:
-        """Write this step's chunks into the retrieval slots of the layer's buffers.
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, query: torch.Tensor) -> None:
+        """This step's retrieval into the layer's buffers (keys, values, bias: the whole buffers).
 
         Args:
-            keys / values: (B, H, capacity, D) the layer's whole (contiguous) buffers.
             query: (B, H, R, D) the step's queries grouped by KV head (R = group x Q).
         """
         if self.select == 0:
             return
         if self.store == "device":
-            self.last_picks = retrieve(keys, values, query, self.step(keys.shape[2]))
+            self.last_picks = retrieve(keys, values, bias, query, self.step(keys.shape[2]))
             return
         dim = query.shape[-1]  # host store: the picks go to the host, the chunks come back
         self.last_picks = pick(query, self.step(keys.shape[2]))
@@ -266,7 +277,7 @@ class ChunkPool:
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (reorder, repeat) the sequences ``rows`` (R,) of every per-sequence tensor."""
         batch = self.heads.shape[0]
-        for name in ("heads", "slots", "positions", "columns", "_local"):
+        for name in ("heads", "selects", "slots", "positions", "columns", "_local"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).index_select(0, rows))
         self.summary = self.summary.view(batch, -1, *self.summary.shape[1:]).index_select(0, rows).flatten(0, 1)
@@ -278,6 +289,10 @@ class ChunkPool:
             self.values = self.values.view(batch, per, -1).index_select(0, host).flatten(0, 1)
             self._local = self._local % per + (torch.arange(rows.shape[0], device=self.device) * per)[:, None, None, None]
         self._index(self.capacity)
+
+    def attended_tokens(self) -> int:
+        """Chunk tokens attended per step, summed over rows (synchronises)."""
+        return int(self.selects.sum()) * self.chunk_size
 
     def pooled_tokens(self) -> torch.Tensor:
         """(B, H) chunk tokens each row holds in the pool."""
@@ -294,8 +309,7 @@ class ChunkPool:
             real = self.chunk_bias.view(batch, heads, -1)[sequence, p] == 0
             pooled |= set(self.positions[sequence, p][real].flatten().tolist())
             if self.last_picks.numel():
-                chosen = self.last_picks.view(batch, heads, -1)[sequence, p]
-                chosen = chosen[real[chosen]]
+                chosen = self.last_picks.view(batch, heads, -1)[sequence, p][: int(self.selects[sequence, p])]
                 picked |= set(self.positions[sequence, p, chosen].flatten().tolist())
         return pooled, picked
 
@@ -307,7 +321,7 @@ class ChunkPool:
         """
         batch, heads = self.heads.shape
         real = (self.chunk_bias.view(batch, heads, -1) == 0).tolist()
-        selects = (self.slots[..., 0] != self.trash).sum(-1).tolist()  # (B, P)
+        selects = self.selects.tolist()
         rows = []
         for b in range(batch):
             row = []

@@ -209,9 +209,9 @@ class CompressedLayer(CacheLayerMixin):
         """Compress the uncompressed region: each row keeps its entries marked in ``keep``.
 
         The new kept region holds, per row, the entries it kept before, then the newly kept
-        ones (both in order), then ``slots`` retrieval slots, then ``pooled`` columns for a
-        retrieval pool kept in the row (never attended: its chunks are copied to the slots);
-        with slots, the last column of the region is the trash column (``-inf`` in every row).
+        ones (both in order), then ``slots`` retrieval slots or ``pooled`` columns for a
+        retrieval pool kept in the row (``-inf`` until a step opens its picked chunks); with
+        either, the last column of the region is the trash column (``-inf`` in every row).
         Called once per compression event (end of a prefill or of a later turn); it may
         synchronise.
 
@@ -221,7 +221,7 @@ class CompressedLayer(CacheLayerMixin):
                 earlier compressions included), or None.
             pooled: (B, H) long pool columns per row (the retriever writes them), or None.
         Returns:
-            (B, H) long: the first slot column of every row (its pool columns follow its slots).
+            (B, H) long: the first column after every row's kept entries (its slots or pool).
         """
         batch, heads, width = keep.shape
         if width != self.stored - self.kept_width or batch != self.batch or heads != self.kv_heads:
@@ -236,7 +236,7 @@ class CompressedLayer(CacheLayerMixin):
         slots = torch.zeros_like(count) if slots is None else slots.to(device=device, dtype=torch.long)
         pooled = torch.zeros_like(count) if pooled is None else pooled.to(device=device, dtype=torch.long)
         entries = int(count.max())
-        width_kept = int((count + slots + pooled).max()) + int(bool(slots.any()))  # + the trash column
+        width_kept = int((count + slots + pooled).max()) + int(bool(slots.any() or pooled.any()))  # + trash
         # valid columns first, each row in column order; the rest of the row is unused
         order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[..., :entries]  # (B, H, entries)
         capacity = width_kept + MIN_SPARE_COLUMNS
@@ -260,8 +260,10 @@ class CompressedLayer(CacheLayerMixin):
         return count
 
     def _grow(self, needed: int) -> None:
-        """Reallocate to at least ``needed`` columns (1.5x steps), keeping the stored columns."""
-        capacity = max(needed, 3 * self.keys.shape[-2] // 2, self.kept_width + MIN_SPARE_COLUMNS)
+        """Reallocate to ``needed`` columns plus half the uncompressed region as spare (at least
+        :data:`MIN_SPARE_COLUMNS`), keeping the stored columns: the uncompressed region grows
+        1.5x at a time (amortised O(1) copies per token) and the kept region gets no slack."""
+        capacity = needed + max(MIN_SPARE_COLUMNS, (needed - self.kept_width) // 2)
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -22,10 +22,12 @@ exceeded (``extra["budget_exceeded_tokens"]``).
 
 Memory accounting (why the default pool stays ~10x below the full cache at a 10% budget): a
 head's budget from stage 2 is in *memory slots*. A dynamic head spends its slots on protected
-tokens, on the retrieval slots its attended chunks are written to at every step (``chunk_size``
-each) and on a retrieval pool; a pooled chunk costs ``chunk_size + 1`` slots (its tokens plus
-the min/max summary, the size of one token's K and V). It attends per step to ``1 / pool`` of
-its pool (``pool`` = the pool's size as a multiple of the attended chunks). The pool is chosen
+tokens and on a retrieval pool; a pooled chunk costs ``chunk_size + 1`` slots (its tokens plus
+the min/max summary, the size of one token's K and V). With the device store the pool lives in
+the head's own row of the layer and a step attends its picked chunks there; with the host store
+the picked chunks are copied to device slots, which cost ``chunk_size`` slots each too. A head
+attends per step to ``1 / pool`` of its pool (``pool`` = the pool's size as a multiple of the
+attended chunks). The pool is chosen
 at compression: ``1 - coverage`` of it by chunk-level text prior, the rest spread evenly over
 the remaining chunks (coverage of the rest of the image). ``pool=None`` keeps every chunk
 (Quest-like; memory not bounded, meant for ``store="host"``). A head whose budget covers the
@@ -248,8 +250,8 @@ class HybridKV(Method):
 
         The unprotected tokens are chunked in position order; a partial last chunk is kept
         with the protected tokens when the budget has room for it, else evicted. The budget
-        pays for the kept tokens, the retrieval slots (``select x C``) and the pool
-        (``C + 1`` per chunk).
+        pays for the kept tokens, the pool (``C + 1`` per chunk) and, with the host store, the
+        device slots the picked chunks are copied to (``select x C``).
         """
         size = self.chunk_size
         rest = (~protected).nonzero().flatten()
@@ -264,9 +266,10 @@ class HybridKV(Method):
             pooled = torch.arange(n_chunks, device=prior.device)
             select = min(n_chunks, room // size)
         else:
-            n_pool = min(n_chunks, math.floor(room / (size + 1 + size / self.pool)))
+            slot = size if self.store == "host" else 0  # host pools are read through retrieval slots
+            n_pool = min(n_chunks, math.floor(room / (size + 1 + slot / self.pool)))
             select = min(n_pool, max(1, math.floor(n_pool / self.pool))) if n_pool else 0
-            while n_pool and n_pool * (size + 1) + select * size > room:
+            while n_pool and n_pool * (size + 1) + select * slot > room:
                 n_pool -= 1
                 select = min(n_pool, max(1, math.floor(n_pool / self.pool))) if n_pool else 0
             pooled = self._choose_pool(prior[positions].sum(-1), n_pool)
