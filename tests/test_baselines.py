@@ -169,8 +169,8 @@ def test_quest_selects_the_top_pages_by_bound_every_step():
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, seed=3)
     inputs = text_inputs(150, seed=4)
     page_size, budget = 8, 0.3
-    pages, tail = 150 // page_size, 150 % page_size
-    count = (45 - tail) // page_size
+    pages, partial = 150 // page_size, 150 % page_size
+    count = (45 - partial) // page_size
     keys = full_keys(model, inputs)
     method = Quest(budget, page_size=page_size)
     queries = {}
@@ -179,7 +179,7 @@ def test_quest_selects_the_top_pages_by_bound_every_step():
         out = model(**inputs, past_key_values=cache, use_cache=True)
         for idx, layer in enumerate(engine.layers):
             # only the trailing partial page is kept; the pages are pooled with their retrieval slots
-            assert kept_positions([layer])[0][0] == [list(range(150 - tail, 150))] * 2
+            assert kept_positions([layer])[0][0] == [list(range(150 - partial, 150))] * 2
             layer.observer = lambda q, lay, idx=idx: queries.__setitem__(idx, q[0, :, -1].clone())
         for _ in range(3):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
@@ -189,7 +189,7 @@ def test_quest_selects_the_top_pages_by_bound_every_step():
                        for p, h in enumerate(pool.heads[0].tolist()) for m in pool.last_picks[p].tolist()}
                 assert got == page_bounds_top(keys[idx], queries[idx], pages, page_size, count)
         extra = engine.report.extra
-    assert (extra["pages_per_head"], extra["pages_per_step"], extra["tail_tokens"]) == (pages, count, tail)
+    assert (extra["pages_per_head"], extra["pages_per_step"], extra["partial_page_tokens"]) == (pages, count, partial)
 
 
 def test_quest_host_store_keeps_every_page_and_dense_layers_attend_all():

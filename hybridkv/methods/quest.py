@@ -56,9 +56,9 @@ class Quest(Method):
     def plan(self, spec: ModelSpec, spans: PromptSpans, tokens_per_head: int) -> Plan:
         """Pages of this prompt and how many each head attends per step."""
         pages = spans.prompt_len // self.page_size
-        tail = spans.prompt_len - pages * self.page_size
-        per_step = min(pages, max(0, tokens_per_head - tail) // self.page_size)
-        return Plan(page_size=self.page_size, pages_per_head=pages, pages_per_step=per_step, tail_tokens=tail,
+        partial = spans.prompt_len - pages * self.page_size
+        per_step = min(pages, max(0, tokens_per_head - partial) // self.page_size)
+        return Plan(page_size=self.page_size, pages_per_head=pages, pages_per_step=per_step, partial_page_tokens=partial,
                     dense_layers=self.dense_layers, store=self.store)
 
     def compress(self, ctx: LayerContext, plan: Plan) -> Decision:
