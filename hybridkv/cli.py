@@ -27,11 +27,21 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
 
 
 def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[float], seeds: list[int]):
+    """Text tasks of every kind, length, depth and seed; ``ruler-<task>`` kinds (``ruler``: all of them)
+    are RULER's, which have no depth parameter."""
+    from hybridkv.data.ruler import RULER_TASKS, ruler_tasks
     from hybridkv.data.text_tasks import TextTaskBuilder
 
-    builder = TextTaskBuilder(tokenizer)
-    return [getattr(builder, kind)(length, depth, seed)
-            for kind in kinds for length in lengths for depth in depths for seed in seeds]
+    ruler = [t for k in kinds if k.startswith("ruler") for t in (RULER_TASKS if k == "ruler" else [k.removeprefix("ruler-")])]
+    plain = [k for k in kinds if not k.startswith("ruler")]
+    tasks = []
+    if plain:
+        builder = TextTaskBuilder(tokenizer)
+        tasks += [getattr(builder, kind)(length, depth, seed)
+                  for kind in plain for length in lengths for depth in depths for seed in seeds]
+    if ruler:
+        tasks += ruler_tasks(tokenizer, list(dict.fromkeys(ruler)), lengths, seeds)
+    return tasks
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -87,8 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from hybridkv.models.loading import load_model
 
         model, tokenizer = load_model(args.model, **_placement(args))
-        kinds = args.task
         tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
+        kinds = list(dict.fromkeys(t.kind for t in tasks))
         title = "retrieval accuracy"
     profile = HeadProfile.load(args.profile) if args.profile else None
     methods = [m for m in args.methods if profile is not None or not needs_profile(m)]
@@ -135,6 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from hybridkv.data.ruler import RULER_TASKS
     from hybridkv.evaluation import BUDGETS, METHODS
     from hybridkv.models.pretrained import KNOWN_MODELS
 
@@ -170,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="methods x budgets on long-text retrieval or visual questions (resumable)")
     p.add_argument("--model", required=True, help=known)
-    p.add_argument("--task", nargs="+", default=["needle", "multi_key"], choices=["needle", "multi_key", *VISUAL_TASKS],
-                   help="text tasks (real-weights models) or visual-* tasks (--model tiny-vlm)")
+    p.add_argument("--task", nargs="+", default=["needle", "multi_key"],
+                   choices=["needle", "multi_key", "ruler", *(f"ruler-{t}" for t in RULER_TASKS), *VISUAL_TASKS],
+                   help="text tasks (real-weights models; ruler: every RULER task, see docs/ruler.md) or visual-* tasks "
+                   "(--model tiny-vlm)")
     p.add_argument("--per-kind", type=int, default=20, help="visual tasks: test questions per task kind")
     p.add_argument("--images", nargs="+", type=int, help="visual-needle: images per prompt, one set of tasks "
                    "per count (default: drawn per question, 4-16)")
@@ -180,13 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "question is compressed as the text prior; question-after: question and header, images only "
                    "are compressed)")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="needle / multi_key (RULER draws its own)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
     p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (RULER tasks set their own)")
     _add_placement(p)
     p.add_argument("--out", default="results/quality")
     p.set_defaults(func=cmd_eval)

@@ -1,0 +1,175 @@
+"""RULER tasks: deterministic, of the asked length, their references really in the prompt and right."""
+
+import re
+from collections import Counter
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from hybridkv.cli import _text_tasks, build_parser
+from hybridkv.data.ruler import MAX_NEW_TOKENS, NOISE_WORD, RULER_TASKS, RulerBuilder, ruler_tasks
+from hybridkv.data.text_tasks import corpus_text
+
+NEEDLE = re.compile(r"One of the special magic numbers for (\S+) is: (\d{7})\.")
+
+
+class CharTokenizer:
+    """One id per character: lengths and positions the test can reason about exactly."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (1000 ids) trained on the corpus: merges across pieces like a real model's tokenizer."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([corpus_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+LENGTHS = {"char": (3000, 8000), "bpe": (2000, 4096)}  # both sides of common_words' 4096-token switch
+
+
+@pytest.fixture(scope="module", params=list(LENGTHS))
+def builder(request) -> RulerBuilder:
+    return RulerBuilder(CharTokenizer() if request.param == "char" else bpe_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def chars() -> RulerBuilder:
+    return RulerBuilder(CharTokenizer())
+
+
+def lengths(builder: RulerBuilder) -> tuple[int, ...]:
+    return LENGTHS["char" if isinstance(builder.tokenizer, CharTokenizer) else "bpe"]
+
+
+def parts(builder: RulerBuilder, task) -> tuple[str, str]:
+    """(context between the instruction and the question, trailing question)."""
+    ids = task.input_ids[0].tolist()
+    before, question = builder.tokenizer.decode(ids[: -task.query_tokens]), builder.tokenizer.decode(ids[-task.query_tokens :])
+    return before.split("\n\n", 1)[1], question
+
+
+def resolve(assigned: dict[str, str], name: str) -> str:
+    """The value a variable holds by following ``VAR X = VAR Y`` assignments."""
+    target = assigned[name]
+    return resolve(assigned, target[4:]) if target.startswith("VAR ") else target
+
+
+@pytest.mark.parametrize("name", RULER_TASKS)
+def test_length_question_and_references(builder, name):
+    for length in lengths(builder):
+        task = getattr(builder, name)(length, 0)
+        size = task.input_ids.shape[1]
+        assert 0.9 * length <= size <= length
+        if name.startswith("niah") or name == "variable_tracking":
+            assert size == length
+        context, question = parts(builder, task)
+        tail = task.input_ids[0, -task.query_tokens :].tolist()
+        assert builder.tokenizer(question, add_special_tokens=False)["input_ids"] == tail
+        assert question.startswith("\n\nQuestion:") and "\nAnswer:" in question and "Question:" not in context
+        assert all(ref in context for ref in task.references) and task.references
+        assert task.max_new_tokens == MAX_NEW_TOKENS[name] and task.tail_tokens == 0 and task.kind == name
+        assert task.key == f"ruler-{name}-L{length}-s0" and task.answer == ", ".join(task.references)
+
+
+@pytest.mark.parametrize("name", RULER_TASKS)
+def test_deterministic_per_seed(chars, name):
+    a, b, c = (getattr(chars, name)(3000, seed) for seed in (5, 5, 6))
+    assert a.input_ids.equal(b.input_ids) and a.references == b.references and a.depth == b.depth
+    assert a.references != c.references and not (a.input_ids.shape == c.input_ids.shape and a.input_ids.equal(c.input_ids))
+
+
+def test_needles_and_what_is_asked(chars):
+    single = chars.niah_single(3000, 1)
+    context, question = parts(chars, single)
+    ((key, value),) = NEEDLE.findall(context)
+    assert single.references == (value,) and f"number for {key} mentioned" in question
+    assert abs(context.index("One of the special") / len(context) - single.depth) < 0.01
+
+    multikey = chars.niah_multikey(3000, 1)
+    context, question = parts(chars, multikey)
+    needles = dict(NEEDLE.findall(context))
+    asked = re.search(r"number for (\S+) mentioned", question).group(1)
+    assert len(needles) == 4 and multikey.references == (needles[asked],)
+
+    multivalue = chars.niah_multivalue(3000, 1)
+    context, question = parts(chars, multivalue)
+    found = NEEDLE.findall(context)
+    assert len(found) == 4 and len({k for k, _ in found}) == 1 and {v for _, v in found} == set(multivalue.references)
+    assert f"numbers for {found[0][0]} mentioned" in question
+
+    multiquery = chars.niah_multiquery(3000, 1)
+    context, question = parts(chars, multiquery)
+    found = NEEDLE.findall(context)
+    assert len({k for k, _ in found}) == 4 and {v for _, v in found} == set(multiquery.references)
+    assert all(k in question for k, _ in found)
+
+
+def test_variable_chain_resolves_to_the_value(builder):
+    for length in lengths(builder):
+        task = builder.variable_tracking(length, 2)
+        context, question = parts(builder, task)
+        value = re.search(r"assigned the value (\d{5})", question).group(1)
+        assigned = dict(re.findall(r"VAR ([A-Z]{5}) = ((?:VAR [A-Z]{5})|\d{5})\n", context))
+        assert len(assigned) == 5 and len(task.references) == 5
+        assert {name for name in assigned if resolve(assigned, name) == value} == set(task.references)
+        assert context.count("The grass is green.") > 5
+
+
+def test_common_words_are_the_most_common_listed(builder):
+    for length in lengths(builder):
+        task = builder.common_words(length, 3)
+        context, _ = parts(builder, task)
+        entries = re.findall(r"(\d+)\. ([a-z]+)", context)
+        assert [int(i) for i, _ in entries] == list(range(1, len(entries) + 1))
+        counts = Counter(word for _, word in entries).most_common()
+        assert {w for w, _ in counts[:10]} == set(task.references) and counts[9][1] > counts[10][1]
+        assert counts[0][1] == (30 if length >= 4096 else 6)
+
+
+def test_frequent_words_are_the_most_frequent_coded_words(builder):
+    for length in lengths(builder):
+        task = builder.frequent_words(length, 4)
+        context, _ = parts(builder, task)
+        counts = Counter(context.split()).most_common()
+        assert counts[0][0] == NOISE_WORD
+        coded = counts[1:]
+        assert {w for w, _ in coded[:3]} == set(task.references) and coded[2][1] > coded[3][1]
+
+
+def test_score_is_the_share_of_references_found(chars):
+    task = chars.niah_multivalue(3000, 0)
+    refs = task.references
+    assert task.score(", ".join(refs)) == 1.0 and task.is_correct(" and ".join(reversed(refs)))
+    assert task.score(f"first {refs[0]}, then {refs[2]}") == 0.5 and not task.is_correct(refs[0])
+    assert task.score("no idea") == 0.0
+    chain = chars.variable_tracking(3000, 0)
+    assert chain.score(" ".join(r.lower() for r in chain.references)) == 1.0
+    assert chain.inputs()["attention_mask"].shape == chain.input_ids.shape
+
+
+def test_clear_errors(chars):
+    for name in RULER_TASKS:
+        with pytest.raises(ValueError, match=name):
+            getattr(chars, name)(60, 0)
+    with pytest.raises(ValueError, match="distinct words"):
+        chars.common_words(200_000, 0)
+    with pytest.raises(ValueError, match="unknown RULER tasks"):
+        ruler_tasks(CharTokenizer(), ["niah_single", "qa"], [3000], [0])
+
+
+def test_eval_command_expands_ruler_tasks():
+    args = build_parser().parse_args(["eval", "--model", "m", "--task", "ruler", "ruler-variable_tracking", "needle"])
+    tasks = _text_tasks(CharTokenizer(), args.task, [3000], [0.5], [0, 1])
+    assert [t.kind for t in tasks] == ["needle"] * 2 + [k for k in RULER_TASKS for _ in range(2)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--model", "m", "--task", "ruler-qa"])
