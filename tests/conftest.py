@@ -1,9 +1,15 @@
 """Shared fixtures: tiny random models of every supported architecture and their prompts."""
 
-import pytest
-import torch
+import os
 
-from hybridkv.models.tiny import family_inputs, text_inputs, tiny_model, visual_inputs
+# The suite is offline: nothing may reach a model hub (the harness tests load local datasets).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hybridkv.models.tiny import family_inputs, text_inputs, tiny_model, visual_inputs  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models gain nothing from more; shared cores lose a lot
 
