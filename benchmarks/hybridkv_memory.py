@@ -28,9 +28,9 @@ def main() -> None:
           f" visual), {args.new_tokens} new tokens; plain DynamicCache: {full} bytes")
     for store in ("device", "host"):
         method = HybridKV(args.budget, store=store)
-        with method.apply(model):
+        with method.apply(model) as engine:
             model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
-        walked = sum(sum(held_bytes(layer).values()) for layer in method._engine.cache.layers)
+            walked = sum(sum(held_bytes(layer).values()) for layer in engine.cache.layers)
         report = method.report
         types = [t for row in report.head_types for t in row]
         print(f"HybridKV@{args.budget} store={store}: held {walked} bytes (walked) = resident "
