@@ -26,21 +26,24 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: CUDA when available)")
 
 
-def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[float], seeds: list[int]):
+def _text_tasks(tokenizer, kinds: list[str], lengths: list[int], depths: list[float], seeds: list[int],
+                protocol: str = "answer-after"):
     """Text tasks of every kind, length, depth and seed; ``ruler-<task>`` kinds (``ruler``: all of them)
-    are RULER's, which have no depth parameter."""
+    are RULER's, which have no depth parameter and take ``protocol`` (question-aware or -agnostic)."""
     from hybridkv.data.ruler import RULER_TASKS, ruler_tasks
     from hybridkv.data.text_tasks import TextTaskBuilder
 
     ruler = [t for k in kinds if k.startswith("ruler") for t in (RULER_TASKS if k == "ruler" else [k.removeprefix("ruler-")])]
     plain = [k for k in kinds if not k.startswith("ruler")]
     tasks = []
+    if plain and protocol != "answer-after":
+        raise SystemExit(f"--protocol {protocol} applies to RULER and visual tasks, not to {', '.join(plain)}")
     if plain:
         builder = TextTaskBuilder(tokenizer)
         tasks += [getattr(builder, kind)(length, depth, seed)
                   for kind in plain for length in lengths for depth in depths for seed in seeds]
     if ruler:
-        tasks += ruler_tasks(tokenizer, list(dict.fromkeys(ruler)), lengths, seeds)
+        tasks += ruler_tasks(tokenizer, list(dict.fromkeys(ruler)), lengths, seeds, protocol)
     return tasks
 
 
@@ -97,9 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from hybridkv.models.loading import load_model
 
         model, tokenizer = load_model(args.model, **_placement(args))
-        tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds)
+        tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds, args.protocol)
         kinds = list(dict.fromkeys(t.kind for t in tasks))
-        title = "retrieval accuracy"
+        title = "retrieval accuracy" + ("" if args.protocol == "answer-after" else f" ({args.protocol})")
     profile = HeadProfile.load(args.profile) if args.profile else None
     methods = [m for m in args.methods if profile is not None or not needs_profile(m)]
     skipped = sorted(set(args.methods) - set(methods))
@@ -189,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", type=int, help="visual-needle: images per prompt, one set of tasks "
                    "per count (default: drawn per question, 4-16)")
     p.add_argument("--protocol", default="answer-after", choices=["answer-after", "question-after"],
-                   help="visual tasks: what is fed after compression (answer-after: the assistant header, the "
-                   "question is compressed as the text prior; question-after: question and header, images only "
-                   "are compressed)")
+                   help="visual and RULER tasks: what is fed after compression (answer-after: the question is "
+                   "compressed as the text prior, only the assistant header of a visual prompt is fed after; "
+                   "question-after: the question is fed after, images or context alone are compressed)")
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="needle / multi_key (RULER draws its own)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -6,8 +6,11 @@ hybridkv method then builds its compressed cache from the capture and decodes gr
 full cache's answer (mean KL of the next-token distributions). A task whose ``tail_tokens`` is
 non-zero has its last tokens fed after compression (:func:`hybridkv.harness.capture_prefill`),
 so that even a one-word answer is read from the compressed cache. kvpress presses (a benchmark
-extra) run their own prefill through ``model.generate`` on the same prompts, model and
-transformers. Every result is appended to a JSONL file as soon as it exists, keyed by
+extra) run their own prefill on the same prompts, model and transformers: through
+``model.generate``, or, for a text task with a tail, as kvpress's pipeline does (prefix under the
+press, then the tail and the answer at positions continuing from the prefix). When a method's
+teacher-forced steps all pick the full cache's tokens, its greedy answer is that answer and is
+not decoded twice. Every result is appended to a JSONL file as soon as it exists, keyed by
 (model, task, method, budget): a rerun skips what is there (resumable).
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from transformers import DynamicCache
 
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
 from hybridkv.head_profile import HeadProfile
@@ -96,9 +100,9 @@ def evaluate(
 ) -> None:
     """Run every (task, method, budget) not yet in ``store`` and append its row."""
     methods, budgets, peers, tasks = list(methods), list(budgets), list(peers), list(tasks)
-    if peers and any(task.tail_tokens for task in tasks):
-        raise ValueError("kvpress peers run their own prefill of the whole prompt; they cannot feed a tail after "
-                         "compression. Evaluate tasks with a tail (visual protocols) without --peers.")
+    if peers and any(task.tail_tokens and "pixel_values" in task.inputs() for task in tasks):
+        raise ValueError("kvpress peers feed a tail after compression with 1-D positions only (text models); "
+                         "evaluate visual tasks with a tail without --peers.")
     stop = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
     bar = None
     if progress:
@@ -120,8 +124,11 @@ def evaluate(
             store.add(_row(model_name, task, "FullKV", 1.0, full_text, 1.0, 0.0, full.report))
         for name, budget in todo:
             method = make_method(name, budget, profile)
-            greedy = decode(model, method, capture, new_tokens, stop_ids=stop)
             forced = decode(model, method, capture, new_tokens, forced=full.tokens)
+            # Teacher forcing feeds the full cache's answer; when every step's argmax is that answer, greedy
+            # decoding would feed the same tokens and compute the same logits, so it is not run again.
+            same = bool((forced.logits.argmax(-1) == full.tokens).all())
+            greedy = forced if same else decode(model, method, capture, new_tokens, stop_ids=stop)
             text = tokenizer.decode(greedy.tokens, skip_special_tokens=True)
             store.add(_row(model_name, task, name, budget, text, prefix_agreement(greedy.tokens, full.tokens),
                            mean_kl(full.logits, forced.logits), greedy.report))
@@ -129,7 +136,7 @@ def evaluate(
                 bar.update(1)
         del capture
         for name, budget in todo_peers:
-            tokens = _kvpress_generate(model, task, name, budget, new_tokens)
+            tokens = _kvpress_generate(model, task, name, budget, new_tokens, stop)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             store.add(_row(model_name, task, name, budget, text, prefix_agreement(tokens, full.tokens), None))
             if bar is not None:
@@ -138,8 +145,15 @@ def evaluate(
         bar.close()
 
 
-def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_tokens: int) -> torch.Tensor:
-    """Greedy answer under a kvpress press (its own prefill), (T,) ids."""
+def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_tokens: int,
+                      stop_ids: tuple[int, ...]) -> torch.Tensor:
+    """Greedy answer under a kvpress press (its own prefill), (T,) ids.
+
+    Without a tail the press compresses the whole prompt inside ``model.generate``. With one
+    (question-agnostic) the press compresses the prefix alone and the tail and the answer are then
+    fed with explicit positions continuing from the prefix's length, as kvpress's own pipeline
+    does: its truncated ``DynamicCache`` reports the tokens it stores, not the tokens it has seen.
+    """
     press = kvpress_press(name, budget)
     inputs = task.inputs()
     eager = name.endswith("ObservedAttention")  # it reads attention weights: eager attention
@@ -148,11 +162,34 @@ def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_t
     if eager:
         config._attn_implementation_internal = "eager"
     try:
-        with torch.inference_mode(), press(model):
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with torch.inference_mode():
+            if not task.tail_tokens:
+                with press(model):
+                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                return out[0, inputs["input_ids"].shape[1] :]
+            return _kvpress_after_tail(model, press, inputs["input_ids"], task.tail_tokens, max_new_tokens, stop_ids)
     finally:
         config._attn_implementation_internal = saved
-    return out[0, inputs["input_ids"].shape[1] :]
+
+
+def _kvpress_after_tail(model, press, input_ids: torch.Tensor, tail_tokens: int, max_new_tokens: int,
+                        stop_ids: tuple[int, ...]) -> torch.Tensor:
+    """Prefill ``input_ids`` (1, L) but its last ``tail_tokens`` under ``press``, then feed the tail and
+    decode greedily at positions L - tail_tokens, L - tail_tokens + 1, ... outside the press; (T,) ids."""
+    cache = DynamicCache()
+    prefix_len = input_ids.shape[1] - tail_tokens
+    with press(model):
+        model.model(input_ids=input_ids[:, :prefix_len], past_key_values=cache, use_cache=True)
+    feed, position, tokens = input_ids[:, prefix_len:], prefix_len, []
+    for _ in range(max_new_tokens):
+        positions = torch.arange(position, position + feed.shape[1], device=input_ids.device)[None]
+        logits = model(input_ids=feed, past_key_values=cache, position_ids=positions, use_cache=True).logits
+        tokens.append(int(logits[0, -1].argmax()))
+        if tokens[-1] in stop_ids:
+            break
+        position += feed.shape[1]
+        feed = torch.tensor([[tokens[-1]]], device=input_ids.device)
+    return torch.tensor(tokens)
 
 
 def run_table(model: torch.nn.Module, tokenizer, model_name: str, tasks: list[EvalTask], out: str | Path,

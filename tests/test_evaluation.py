@@ -86,8 +86,58 @@ def test_budget_below_the_protected_minimum_is_a_number_marked_exceeded(tmp_path
     assert f"| HybridKV | {hybrid['accuracy']}* |" in markdown_table(table)
 
 
-def test_kvpress_peers_refuse_tasks_with_a_tail(tmp_path):
-    task = TextTask("needle", 90, 0.5, 0, tiny_task(0).input_ids, 10, "12345", tail_tokens=3)
-    with pytest.raises(ValueError, match="cannot feed a tail"):
-        evaluate(get_model("llama"), DigitTokenizer(), "tiny", [task], ResultStore(tmp_path / "q.jsonl"), ["SnapKV"],
+def test_kvpress_peers_refuse_visual_tasks_with_a_tail(tmp_path):
+    from hybridkv.models.tiny import visual_inputs
+
+    class Visual(TextTask):
+        def inputs(self):
+            return visual_inputs(images=1)
+
+    task = Visual("needle", 90, 0.5, 0, tiny_task(0).input_ids, 10, "12345", tail_tokens=3)
+    with pytest.raises(ValueError, match="without --peers"):
+        evaluate(get_model("qwen2_5_vl"), DigitTokenizer(), "tiny", [task], ResultStore(tmp_path / "q.jsonl"), ["SnapKV"],
                  [0.5], peers=["kvpress:SnapKV"], progress=False)
+
+
+def test_kvpress_tail_path_continues_positions_like_a_full_forward():
+    """The question-agnostic peer path (prefix under the press, then tail and answer at explicit
+    positions): with a press that compresses nothing, its logits at every step equal one full
+    forward over the prompt and the answer (positions continue right); with a press that drops
+    cache entries they differ (the path reads the cache it was given)."""
+    import contextlib
+
+    from hybridkv.evaluation import _kvpress_after_tail
+
+    model = get_model("llama")
+    ids = tiny_task(0).input_ids
+
+    def run(press):
+        seen = []
+        handle = model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[0, -1].clone()))
+        try:
+            with torch.inference_mode():
+                tokens = _kvpress_after_tail(model, press, ids, 12, 6, ())
+        finally:
+            handle.remove()
+        return tokens, torch.stack(seen)
+
+    tokens, logits = run(contextlib.nullcontext)
+    with torch.inference_mode():
+        full = model(torch.cat([ids, tokens[None, :-1]], dim=1)).logits[0, 89:]
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+
+    @contextlib.contextmanager
+    def drop_half(m):
+        def hook(module, args, kwargs, output):
+            if kwargs["hidden_states"].shape[1] > 1 and kwargs["past_key_values"] is not None:
+                layer = kwargs["past_key_values"].layers[module.layer_idx]
+                layer.keys, layer.values = layer.keys[:, :, ::2], layer.values[:, :, ::2]
+        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in m.model.layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    _, dropped = run(drop_half)
+    assert (dropped[0] - full[0]).abs().max() > 1e-3

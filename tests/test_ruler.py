@@ -173,3 +173,18 @@ def test_eval_command_expands_ruler_tasks():
     assert [t.kind for t in tasks] == ["needle"] * 2 + [k for k in RULER_TASKS for _ in range(2)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--model", "m", "--task", "ruler-qa"])
+
+
+def test_question_after_feeds_the_question_as_the_tail(chars):
+    """Question-agnostic RULER: the same prompt, its question (with the answer prefix) fed after compression,
+    no question span in the compressed prefix, its own result key; the protocol is checked."""
+    aware = ruler_tasks(CharTokenizer(), ["niah_multikey"], [3000], [0])[0]
+    agnostic = ruler_tasks(CharTokenizer(), ["niah_multikey"], [3000], [0], protocol="question-after")[0]
+    assert agnostic.input_ids.tolist() == aware.input_ids.tolist() and agnostic.references == aware.references
+    assert (agnostic.tail_tokens, agnostic.query_tokens, aware.tail_tokens) == (aware.query_tokens, None, 0)
+    question = chars.tokenizer.decode(agnostic.input_ids[0, -agnostic.tail_tokens :].tolist())
+    assert question.startswith("\n\nQuestion:") and agnostic.key == aware.key + "-qafter"
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ruler_tasks(CharTokenizer(), ["niah_single"], [3000], [0], protocol="question-first")
+    with pytest.raises(SystemExit, match="applies to RULER"):
+        _text_tasks(CharTokenizer(), ["needle"], [3000], [0.5], [0], protocol="question-after")

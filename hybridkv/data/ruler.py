@@ -38,7 +38,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import cycle, repeat
 from pathlib import Path
@@ -68,27 +68,39 @@ class RulerTask:
     Attributes:
         task: one of :data:`RULER_TASKS`. length: the requested prompt length (the prompt has at most
         this many tokens). seed: generator seed. input_ids: (1, L) prompt ids.
-        query_tokens: tokens of the trailing question (with its answer prefix).
+        query_tokens: tokens of the trailing question (with its answer prefix); None when the question is the
+            tail (``question-after``).
         references: strings a correct answer contains (all of them).
         max_new_tokens: tokens to generate for the answer.
         depth: relative depth in the context of the first asked needle (0.0 for the word lists).
         tail_tokens: trailing prompt tokens fed after compression (0: all of it is compressed).
+        protocol: ``"answer-after"`` (question-aware: the question is compressed with the context and
+            is the methods' text prior; nothing is fed after) or ``"question-after"`` (question-agnostic,
+            as kvpress evaluates: only the context is compressed, the question is fed after it).
     """
 
     task: str
     length: int
     seed: int
     input_ids: torch.Tensor
-    query_tokens: int
+    query_tokens: int | None
     references: tuple[str, ...]
     max_new_tokens: int
     depth: float = 0.0
     tail_tokens: int = 0
+    protocol: str = "answer-after"
 
     @property
     def key(self) -> str:
-        """Stable identifier (for result caching)."""
-        return f"ruler-{self.task}-L{self.length}-s{self.seed}"
+        """Stable identifier (for result caching); question-agnostic prompts end in ``-qafter``."""
+        suffix = "-qafter" if self.protocol == "question-after" else ""
+        return f"ruler-{self.task}-L{self.length}-s{self.seed}{suffix}"
+
+    def question_after(self) -> RulerTask:
+        """The question-agnostic variant: the question (with its answer prefix) is the tail fed after
+        compression, and the compressed prefix has no question span of its own (methods then fall
+        back to the prompt's last tokens, as kvpress's presses do without a question)."""
+        return replace(self, query_tokens=None, tail_tokens=self.query_tokens, protocol="question-after")
 
     @property
     def kind(self) -> str:
@@ -298,13 +310,21 @@ class RulerBuilder:
         return RulerTask(task, length, seed, torch.tensor([ids]), len(question_ids), references, MAX_NEW_TOKENS[task])
 
 
-def ruler_tasks(tokenizer, tasks: list[str], lengths: list[int], seeds: list[int]) -> list[RulerTask]:
-    """Every (task, length, seed) of :data:`RULER_TASKS` names, in that order."""
+PROTOCOLS = ("answer-after", "question-after")
+"""Question-aware (nothing fed after compression) and question-agnostic (the question fed after)."""
+
+
+def ruler_tasks(tokenizer, tasks: list[str], lengths: list[int], seeds: list[int],
+                protocol: str = "answer-after") -> list[RulerTask]:
+    """Every (task, length, seed) of :data:`RULER_TASKS` names, in that order, under ``protocol``."""
     unknown = sorted(set(tasks) - set(RULER_TASKS))
     if unknown:
         raise ValueError(f"unknown RULER tasks {unknown}; known: {', '.join(RULER_TASKS)}.")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}.")
     builder = RulerBuilder(tokenizer)
-    return [getattr(builder, task)(length, seed) for task in tasks for length in lengths for seed in seeds]
+    built = [getattr(builder, task)(length, seed) for task in tasks for length in lengths for seed in seeds]
+    return [t.question_after() for t in built] if protocol == "question-after" else built
 
 
 def _rng(task: str, length: int, seed: int) -> random.Random:
