@@ -11,86 +11,9 @@
 """
 
 import argparse
-import json
 from pathlib import Path
 
-NEEDLE_YAML = """\
-task: hkv_needle
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-process_results: !function utils.process_results
-metric_list:
-  - metric: accuracy
-    aggregation: mean
-    higher_is_better: true
-"""
-
-NEEDLE_UTILS = """\
-from hybridkv.data.text_tasks import answer_correct
-
-
-def process_results(doc, results):
-    return {"accuracy": float(answer_correct(results[0], doc["answer"]))}
-"""
-
-VISUAL_YAML = """\
-task: hkv_visual
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: "answer"
-generation_kwargs:
-  max_new_tokens: 2
-  do_sample: false
-process_results: !function utils.process_results
-metric_list:
-  - metric: accuracy
-    aggregation: mean
-    higher_is_better: true
-"""
-
-VISUAL_UTILS = """\
-from hybridkv.data.visual_tasks import make_sample
-
-
-def doc_to_visual(doc):
-    images = doc["images"] if doc["kind"] == "needle" else None
-    return make_sample(doc["kind"], doc["seed"], num_images=images).images()
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    words = results[0].split()
-    return {"accuracy": float(bool(words) and words[0] == doc["answer"])}
-"""
-
-
-def write_task(folder: Path, yaml: str, utils: str, docs: list[dict]) -> None:
-    """One task folder: documents as JSON lines, the task YAML and its ``utils.py``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / f"{folder.name}.yaml").write_text(yaml.format(data=data.resolve()))
-    (folder / "utils.py").write_text(utils)
+from hybridkv.integrations.example_tasks import NEEDLE_UTILS, NEEDLE_YAML, VISUAL_UTILS, VISUAL_YAML, visual_docs, write_task
 
 
 def main() -> None:
@@ -116,9 +39,7 @@ def main() -> None:
 
     _, vlm_tokenizer, processor = load_tiny_vlm()
     tasks = visual_tasks(vlm_tokenizer, processor, ["cell_colour", "needle"], args.per_kind, num_images=[8])
-    write_task(out / "lmms_eval" / "hkv_visual", VISUAL_YAML, VISUAL_UTILS,
-               [{"kind": t.sample.task, "seed": t.sample.seed, "images": len(t.sample.scenes),
-                 "question": t.sample.question, "answer": t.answer} for t in tasks])
+    write_task(out / "lmms_eval" / "hkv_visual", VISUAL_YAML, VISUAL_UTILS, visual_docs(tasks))
 
     query = needles[0].query_tokens
     print(f"python -m hybridkv.integrations.lm_eval run --model hybridkv --model_args "

@@ -2,7 +2,6 @@
 
 import json
 import random
-import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkv.evaluation import evaluate
+from hybridkv.integrations.example_tasks import VISUAL_UTILS, VISUAL_YAML, visual_docs, write_task
 from hybridkv.integrations.runner import CompressedRunner, cut_at_stop, parse_budget
 from hybridkv.models.tiny import tiny_model
 from hybridkv.models.tiny_vlm import build_tokenizer
@@ -170,46 +170,6 @@ def test_lm_eval_refuses_rolling_and_sampling(checkpoint):
         lm.generate_until([Request()])
 
 
-LMMS_TASK = """\
-task: hkv_visual_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: "answer"
-generation_kwargs:
-  max_new_tokens: 2
-  do_sample: false
-process_results: !function utils.process_results
-metric_list:
-  - metric: accuracy
-    aggregation: mean
-    higher_is_better: true
-"""
-
-LMMS_UTILS = """\
-from hybridkv.data.visual_tasks import make_sample
-
-
-def doc_to_visual(doc):
-    images = doc["images"] if doc["kind"] == "needle" else None
-    return make_sample(doc["kind"], doc["seed"], num_images=images).images()
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    words = results[0].split()
-    return {"accuracy": float(bool(words) and words[0] == doc["answer"])}
-"""
-
-
 @pytest.mark.parametrize("protocol", ["answer-after", "question-after"])
 def test_lmms_eval_answers_equal_hybridkv_eval(tmp_path, protocol):
     pytest.importorskip("lmms_eval")
@@ -221,11 +181,7 @@ def test_lmms_eval_answers_equal_hybridkv_eval(tmp_path, protocol):
 
     model, tokenizer, processor = load_tiny_vlm()
     tasks = visual_tasks(tokenizer, processor, ["cell_colour", "needle"], 2, num_images=[4], protocol=protocol)
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"kind": t.sample.task, "seed": t.sample.seed, "images": len(t.sample.scenes),
-                                        "question": t.sample.question, "answer": t.answer}) + "\n" for t in tasks))
-    (tmp_path / "hkv_visual_local.yaml").write_text(textwrap.dedent(LMMS_TASK.format(data=data)))
-    (tmp_path / "utils.py").write_text(LMMS_UTILS)
+    write_task(tmp_path / "hkv_visual_local", VISUAL_YAML, VISUAL_UTILS, visual_docs(tasks))
     out = simple_evaluate(model="hybridkv", model_args=f"pretrained=tiny-vlm,method=HybridKV,budget=0.2,protocol={protocol}",
                           tasks=["hkv_visual_local"], task_manager=TaskManager(include_path=str(tmp_path)),
                           batch_size=1, device="cpu", log_samples=True)
