@@ -1,19 +1,26 @@
-"""Accuracy of every method x budget on the bundled tiny VLM's test split: single-image cell
-questions (colour, shape, count) and the multi-image visual needle at 4, 8 and 16 images
-(144-576 visual tokens). Same as ``hybridkv eval --model tiny-vlm --task visual-...``; writes
-``results/multimodal_<protocol>.{jsonl,csv,json,md,png}`` (resumable).
+"""Accuracy of every method x budget on a project VLM's test split.
 
-The answers are one word, so the answer's position must read the compressed cache: under the
-default protocol ``answer-after`` the images and the question are compressed and the assistant
-header is fed after; ``question-after`` compresses the images alone (see
-:mod:`hybridkv.data.visual_eval`).
-
+``--model tiny-vlm`` (default): the bundled 4-layer toy; single-image cell questions (colour,
+shape, count) and the multi-image visual needle at 4, 8 and 16 images (144-576 visual tokens).
 Prompts are short (about 60 tokens for one image, 620 for 16), so the baselines' observation
 window is set to 16 tokens, which covers the question; kvpress's default of 64 would be the
 whole budget (every SnapKV-family method would keep only the newest tokens). HybridKV-offline
 and SparseMM use the bundled head profile.
 
-    python benchmarks/multimodal.py [--per-kind 50] [--protocol answer-after] [--threads 1]
+``--model coder-vlm``: Qwen2.5-Coder-1.5B's pretrained decoder behind the trained vision path
+(:mod:`hybridkv.models.coder_vlm`); the visual needle at 8, 16 and 32 images (2,056-8,224 visual
+tokens, text under 5% of the prompt), in bfloat16; the methods keep their default windows;
+HybridKV-offline and SparseMM use ``results/profiles/coder-vlm.json`` (made on the validation
+split: ``hybridkv profile --model coder-vlm``).
+
+Same as ``hybridkv eval --model <vlm> --task visual-...``; writes
+``results/multimodal_<protocol>.*`` (tiny-vlm) or ``results/multimodal_coder-vlm_<protocol>.*``
+(jsonl, csv, json, md, png; resumable). The answers are one word, so the answer's position must
+read the compressed cache: under the default protocol ``answer-after`` the images and the
+question are compressed and the assistant header is fed after; ``question-after`` compresses the
+images alone (see :mod:`hybridkv.data.visual_eval`).
+
+    python benchmarks/multimodal.py [--model tiny-vlm] [--per-kind 50] [--protocol answer-after] [--threads 1]
 """
 
 import argparse
@@ -22,17 +29,26 @@ from hybridkv.cli import main
 from hybridkv.models.tiny_vlm import ASSET_DIR
 
 WINDOWED = ("SnapKV", "AdaKV", "PyramidKV", "SparseMM")
-METHODS = ("StreamingLLM", "H2O", *(f"{m}:window_size=16" for m in WINDOWED), "Quest", "HybridKV", "HybridKV-offline")
+TINY_METHODS = ("StreamingLLM", "H2O", *(f"{m}:window_size=16" for m in WINDOWED), "Quest", "HybridKV", "HybridKV-offline")
+CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline")
+BUDGETS = ("0.05", "0.1", "0.2", "0.4")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-kind", default="50")
+    parser.add_argument("--model", default="tiny-vlm", choices=["tiny-vlm", "coder-vlm"])
+    parser.add_argument("--per-kind", help="test prompts per task kind (default: 50 tiny-vlm, 20 coder-vlm)")
     parser.add_argument("--protocol", default="answer-after", choices=["answer-after", "question-after"])
     parser.add_argument("--threads", default="1")
-    parser.add_argument("--profile", default=str(ASSET_DIR / "profile.json"))
+    parser.add_argument("--profile", help="head profile (default: the model's, see above)")
     args = parser.parse_args()
-    main(["--threads", args.threads, "eval", "--model", "tiny-vlm", "--task", "visual-cell_colour",
-          "visual-cell_shape", "visual-count", "visual-needle", "--images", "4", "8", "16",
-          "--per-kind", args.per_kind, "--protocol", args.protocol, "--methods", *METHODS,
-          "--budgets", "0.05", "0.1", "0.2", "0.4", "--max-new-tokens", "2", "--profile", args.profile,
-          "--out", f"results/multimodal_{args.protocol}"])
+    if args.model == "tiny-vlm":
+        tasks = ["visual-cell_colour", "visual-cell_shape", "visual-count", "visual-needle", "--images", "4", "8", "16"]
+        extra = ["--methods", *TINY_METHODS, "--per-kind", args.per_kind or "50", "--max-new-tokens", "2"]
+        profile, out = args.profile or str(ASSET_DIR / "profile.json"), f"results/multimodal_{args.protocol}"
+    else:
+        tasks = ["visual-needle", "--images", "8", "16", "32"]
+        extra = ["--methods", *CODER_METHODS, "--per-kind", args.per_kind or "20", "--dtype", "bfloat16",
+                 "--max-new-tokens", "3"]
+        profile, out = args.profile or "results/profiles/coder-vlm.json", f"results/multimodal_coder-vlm_{args.protocol}"
+    main(["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol", args.protocol,
+          "--budgets", *BUDGETS, "--profile", profile, "--out", out])

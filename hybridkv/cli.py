@@ -10,6 +10,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 VISUAL_TASKS = ("visual-needle", "visual-cell_colour", "visual-cell_shape", "visual-count")
+VISUAL_MODELS = ("tiny-vlm", "coder-vlm")
+"""The project's VLMs (hybridkv.models.visual_models), named here so --help does not import torch."""
 
 
 def _placement(args: argparse.Namespace) -> dict:
@@ -52,12 +54,14 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from hybridkv.plots import profile_heatmap
     from hybridkv.profile import profile_heads
 
-    if args.model == "tiny-vlm":  # visual questions of the validation split
+    if args.model in VISUAL_MODELS:  # visual questions of the validation split
         from hybridkv.data.visual_eval import visual_tasks
-        from hybridkv.models.tiny_vlm import load_tiny_vlm
+        from hybridkv.models.visual_models import visual_model
 
-        model, tokenizer, processor = load_tiny_vlm(**_placement(args))
-        tasks = visual_tasks(tokenizer, processor, ["needle", "cell_colour"], (args.samples + 1) // 2, "validation")
+        model, tokenizer, processor = visual_model(args.model).load(**_placement(args))
+        kinds = ["needle", "cell_colour"] if args.model == "tiny-vlm" else ["needle"]  # coder-vlm: multi-image only
+        tasks = visual_tasks(tokenizer, processor, kinds, -(-args.samples // len(kinds)), "validation",
+                             model=args.model)
         samples = [t.inputs() for t in tasks]
     else:
         from hybridkv.models.loading import load_model
@@ -85,14 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise SystemExit("mix of text and visual tasks: run them as two evals")
     if visual:
         from hybridkv.data.visual_eval import visual_tasks
-        from hybridkv.models.tiny_vlm import load_tiny_vlm
+        from hybridkv.models.visual_models import visual_model
 
-        if args.model != "tiny-vlm":
-            raise SystemExit("visual tasks run on the bundled model: --model tiny-vlm")
-        model, tokenizer, processor = load_tiny_vlm(**_placement(args))
+        if args.model not in VISUAL_MODELS:
+            raise SystemExit(f"visual tasks run on the project's VLMs: --model {' or '.join(VISUAL_MODELS)}")
+        model, tokenizer, processor = visual_model(args.model).load(**_placement(args))
         kinds = [t.replace("visual-", "") for t in visual]
         tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, num_images=args.images or None,
-                             protocol=args.protocol)
+                             protocol=args.protocol, model=args.model)
         kinds = list(dict.fromkeys(t.kind for t in tasks))
         kinds += ["needle-*"] if sum(k.startswith("needle-") for k in kinds) > 1 else []
         title = f"visual question accuracy ({args.protocol})"
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="classify KV heads static/dynamic (stage 1) -> JSON + PNG heat map")
-    p.add_argument("--model", required=True, help=f"{known}, or tiny-vlm (the bundled model, visual calibration)")
+    p.add_argument("--model", required=True, help=f"{known}, or tiny-vlm / coder-vlm (visual calibration)")
     p.add_argument("--out", required=True, help="profile JSON path")
     p.add_argument("--png", help="heat map path (default: next to --out)")
     p.add_argument("--samples", type=int, default=4)
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", default=["needle", "multi_key"],
                    choices=["needle", "multi_key", "ruler", *(f"ruler-{t}" for t in RULER_TASKS), *VISUAL_TASKS],
                    help="text tasks (real-weights models; ruler: every RULER task, see docs/ruler.md) or visual-* tasks "
-                   "(--model tiny-vlm)")
+                   "(--model tiny-vlm or coder-vlm)")
     p.add_argument("--per-kind", type=int, default=20, help="visual tasks: test questions per task kind")
     p.add_argument("--images", nargs="+", type=int, help="visual-needle: images per prompt, one set of tasks "
                    "per count (default: drawn per question, 4-16)")

@@ -66,43 +66,53 @@ class VisualTask:
         return self.prompt
 
     def is_correct(self, generated: str) -> bool:
-        """True when the first generated word is the answer."""
-        words = generated.split()
-        return bool(words) and words[0] == self.answer
+        """See :func:`answer_matches`."""
+        return answer_matches(generated, self.answer)
 
 
-def tail_length(tokenizer, input_ids: torch.Tensor, protocol: str) -> int:
-    """Trailing tokens of a Qwen-VL chat prompt (1, L) to feed after compression under ``protocol``
-    (the tiny VLM's, or a real checkpoint's: the special tokens are the same)."""
-    from hybridkv.models.tiny_vlm import IM_START, VISION_END
+def answer_matches(generated: str, answer: str) -> bool:
+    """True when the first generated word is the one-word ``answer`` (case and trailing punctuation aside)."""
+    words = generated.split()
+    return bool(words) and words[0].lower().rstrip(".,;:!") == answer
+
+
+def tail_length(tokenizer, input_ids: torch.Tensor, protocol: str, images_end: str = "<|vision_end|>") -> int:
+    """Trailing tokens of a Qwen chat prompt (1, L) to feed after compression under ``protocol``:
+    the assistant header (``answer-after``), or everything after the last ``images_end`` token
+    (``question-after``; Qwen-VL's ``<|vision_end|>``, a LLaVA-OneVision prompt's last image token)."""
+    from hybridkv.models.tiny_vlm import IM_START
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}.")
     ids = input_ids[0].tolist()
-    marker = IM_START if protocol == "answer-after" else VISION_END
+    marker = IM_START if protocol == "answer-after" else images_end
     last = len(ids) - 1 - ids[::-1].index(tokenizer.convert_tokens_to_ids(marker))
     return len(ids) - last if protocol == "answer-after" else len(ids) - last - 1
 
 
 def visual_tasks(tokenizer, image_processor, kinds: list[str], per_kind: int, split: str = "test",
-                 num_images: list[int | None] | int | None = None, protocol: str = "answer-after") -> list[VisualTask]:
-    """``per_kind`` tasks of each kind from ``split``, with the tiny VLM's prompt tensors.
+                 num_images: list[int | None] | int | None = None, protocol: str = "answer-after",
+                 model: str = "tiny-vlm") -> list[VisualTask]:
+    """``per_kind`` tasks of each kind from ``split``, with the prompt tensors of ``model``.
 
     Args:
         num_images: images per ``needle`` prompt; a list gives ``per_kind`` needle tasks per
-            count (None: drawn per sample, 4-16).
+            count (None: drawn per sample, in the model's board config's range).
         protocol: what is fed after compression (:data:`PROTOCOLS`).
+        model: a :data:`hybridkv.models.visual_models.VISUAL_MODELS` name (its boards and prompts).
     """
-    from hybridkv.models.tiny_vlm import IMAGE_PAD, build_inputs
+    from hybridkv.models.tiny_vlm import IMAGE_PAD
+    from hybridkv.models.visual_models import visual_model
 
+    vlm = visual_model(model)
     counts = num_images if isinstance(num_images, list) else [num_images]
     tasks = []
     for kind, images in [(k, n) for k in kinds for n in (counts if k == "needle" else [None])]:
         for seed in split_seeds(split, per_kind):
-            sample = make_sample(kind, seed, num_images=images)
-            prompt = build_inputs(tokenizer, image_processor, sample.images(), sample.question)
+            sample = make_sample(kind, seed, vlm.task_config, num_images=images)
+            prompt = vlm.build_inputs(tokenizer, image_processor, sample.images(), sample.question)
             visual = int((prompt["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum())
             depth = sample.target[0] / max(1, len(sample.scenes) - 1) if sample.target else 0.0
-            tail = tail_length(tokenizer, prompt["input_ids"], protocol)
+            tail = tail_length(tokenizer, prompt["input_ids"], protocol, vlm.images_end)
             tasks.append(VisualTask(sample, prompt, visual, depth, tail_tokens=tail, protocol=protocol))
     return tasks
