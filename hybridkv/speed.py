@@ -35,8 +35,9 @@ from transformers import DynamicCache
 from hybridkv.bench import print_table, write_results
 from hybridkv.device import DTYPES, device_name, now, resolve_device
 from hybridkv.harness import PrefillCapture
-from hybridkv.methods import AdaKV, FullKV, HybridKV, Quest, SnapKV
+from hybridkv.methods import H2O, REGISTRY, FullKV, HybridKV, SnapKV
 from hybridkv.methods.base import Method
+from hybridkv.methods.registry import needs_profile
 from hybridkv.models.architectures import model_spec
 from hybridkv.step_timer import timed_generate
 
@@ -182,12 +183,16 @@ def measure_method(model: torch.nn.Module, capture: PrefillCapture, method: Meth
 
 
 def methods_for(budgets: list[float], compiled: bool) -> dict[str, tuple[Method | None, bool]]:
-    """Name -> (method, compiled) of the speed table."""
+    """Name -> (method, compiled) of the speed table: the plain cache, then every registered method
+    that needs no head profile (SparseMM does; its per-head budgets decode like AdaKV's) at each
+    budget, HybridKV also with the host store, and with ``compiled`` SnapKV's and HybridKV's
+    compiled steps."""
     methods: dict = {"plain DynamicCache": (None, False), "FullKV": (FullKV(), False)}
     for budget in budgets:
-        methods |= {f"SnapKV@{budget}": (SnapKV(budget), False), f"AdaKV@{budget}": (AdaKV(budget), False),
-                    f"Quest@{budget}": (Quest(budget), False), f"HybridKV@{budget}": (HybridKV(budget), False),
-                    f"HybridKV-host@{budget}": (HybridKV(budget, store="host"), False)}
+        for name in sorted(REGISTRY):
+            if name != "FullKV" and not needs_profile(name):
+                methods[f"{name}@{budget}"] = (REGISTRY[name](budget), False)
+        methods[f"HybridKV-host@{budget}"] = (HybridKV(budget, store="host"), False)
         if compiled:
             methods |= {f"SnapKV@{budget}+compile": (SnapKV(budget), True),
                         f"HybridKV@{budget}+compile": (HybridKV(budget), True)}
@@ -300,6 +305,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the faster median is kept")
     parser.add_argument("--compile", action="store_true", help="also the compiled decoding step (SnapKV, HybridKV)")
     parser.add_argument("--only", nargs="+", help="only these method names of the table")
+    parser.add_argument("--full-attention-max", type=int, default=8192,
+                        help="longest context at which H2O (column sums of the whole attention matrix) is run")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prefill-contexts", nargs="*", type=int, default=[],
@@ -329,7 +336,11 @@ def run(args) -> list[dict]:
     for context in args.contexts:
         capture = synthetic_capture(model, context)
         report = lambda name, row, context=context: print(f"  {context} {name}: {row}", flush=True)  # noqa: E731
-        for row in decode_speed(model, capture, methods, args.steps, args.warmup, args.rounds, progress=report):
+        here = {k: v for k, v in methods.items() if context <= args.full_attention_max or not isinstance(v[0], H2O)}
+        if len(here) < len(methods):
+            print(f"  {context}: H2O skipped (its scores are the whole {context}x{context} attention per head; "
+                  f"--full-attention-max {args.full_attention_max})", flush=True)
+        for row in decode_speed(model, capture, here, args.steps, args.warmup, args.rounds, progress=report):
             rows.append({"phase": "decode", **row})
         del capture
     if args.prefill_contexts:
