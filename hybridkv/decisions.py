@@ -28,6 +28,10 @@ class LayerContext:
         scaling: the attention softmax scale.
         spans: visual/context tokens and the text-prior query span of the segment.
         tokens_per_head: the average kept tokens per KV head the budget allows for the segment.
+        memo: when the segment is a captured prefill that several methods compress
+            (:meth:`hybridkv.engine.Engine.cache_from_prefill`), a dict shared by all of them where a
+            method may keep scores that depend on the prefill alone (not on its budget or options);
+            None otherwise.
     """
 
     layer_idx: int
@@ -38,6 +42,7 @@ class LayerContext:
     scaling: float
     spans: PromptSpans
     tokens_per_head: int
+    memo: dict | None = None
 
 
 @dataclass

@@ -269,9 +269,10 @@ class Engine:
         if self._segments is not None:
             self.compress_layer(layer_idx, query, scaling)
 
-    def compress_layer(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+    def compress_layer(self, layer_idx: int, query: torch.Tensor, scaling: float, memo: dict | None = None) -> None:
         """Let the method decide, per sequence, what the layer keeps of its uncompressed region,
-        then compact the layer (and give it a retrieval pool when heads retrieve)."""
+        then compact the layer (and give it a retrieval pool when heads retrieve); ``memo`` is
+        :attr:`LayerContext.memo`."""
         layer = self.layers[layer_idx]
         seg_keys, seg_values = layer.segment()  # (B, H, S, D)
         keep = torch.zeros(seg_keys.shape[:3], dtype=torch.bool, device=seg_keys.device)
@@ -280,7 +281,7 @@ class Engine:
         for b, row in enumerate(self._segments):
             keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
             ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
-                               row.tokens_per_head)
+                               row.tokens_per_head, memo)
             decision = self.method.compress(ctx, row.plan)
             keep[b][:, row.columns] = decision.keep
             columns = torch.arange(seg_keys.shape[2], device=keys.device)[row.columns]
@@ -328,7 +329,7 @@ class Engine:
         self._begin_forward(ids, None, 1, ids.shape[1])
         for idx, (queries, keys, values) in enumerate(capture.layers):
             self.layers[idx].update(keys[None], values[None])
-            self.compress_layer(idx, queries[None], capture.scaling)
+            self.compress_layer(idx, queries[None], capture.scaling, capture.memo)
         self._segments = None
         return cache
 

@@ -41,6 +41,9 @@ class PrefillCapture:
         rope_deltas: Qwen-VL's M-RoPE offset the prefill left on the model (None for text
             models); :func:`decode` puts it back, since another prompt's prefill overwrites it.
         tail: (T,) prompt ids fed after compression, or None (then ``input_ids`` is the whole prompt).
+        memo: scores that depend on this prefill alone, kept by the methods that compress it
+            (:attr:`hybridkv.decisions.LayerContext.memo`), so e.g. H2O's whole-matrix column sums
+            are computed once for every budget.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +53,7 @@ class PrefillCapture:
     last_logits: torch.Tensor
     rope_deltas: torch.Tensor | None = None
     tail: torch.Tensor | None = None
+    memo: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass(eq=False, kw_only=True)

@@ -18,7 +18,7 @@ BLOCK_BYTES = 64 * 2**20
 
 
 def attention_blocks(queries: torch.Tensor, keys: torch.Tensor, start: int, scaling: float,
-                     block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+                     block_bytes: int = BLOCK_BYTES, causal_width: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """Causal softmax attention of the query rows ``[start, L)`` over the keys, block by block.
 
     The queries are the last rows of the sequence whose keys are given (row ``i`` of
@@ -28,8 +28,11 @@ def attention_blocks(queries: torch.Tensor, keys: torch.Tensor, start: int, scal
         queries: (Hq, L_q, D) after RoPE. keys: (Hkv, L_k, D) after RoPE, L_k >= L_q.
         start: first query row used. scaling: softmax scale.
         block_bytes: bound on each block's (Hkv, G, rows, L_k) float32 probabilities.
+        causal_width: give each block only the keys its rows can see (its last row's position + 1
+            columns) instead of all L_k, about half the work over a whole causal matrix.
     Yields:
-        (first row of the block, (Hkv, G, rows, L_k) float32 probabilities).
+        (first row of the block, (Hkv, G, rows, W) float32 probabilities), W = L_k, or the block's
+        causal width with ``causal_width``.
     """
     hq, q_len, dim = queries.shape
     kv_heads, k_len = keys.shape[0], keys.shape[1]
@@ -40,9 +43,10 @@ def attention_blocks(queries: torch.Tensor, keys: torch.Tensor, start: int, scal
     columns = torch.arange(k_len, device=keys.device)
     for first in range(start, q_len, rows):
         last = min(first + rows, q_len)
+        width = last + offset if causal_width else k_len
         block = queries[:, first:last].reshape(kv_heads, group, last - first, dim).float()
-        logits = torch.einsum("hgwd,hld->hgwl", block, keys_f).mul_(scaling)
-        future = columns[None, :] > (torch.arange(first, last, device=keys.device) + offset)[:, None]
+        logits = torch.einsum("hgwd,hld->hgwl", block, keys_f[:, :width]).mul_(scaling)
+        future = columns[None, :width] > (torch.arange(first, last, device=keys.device) + offset)[:, None]
         yield first, torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
 
 
@@ -60,8 +64,8 @@ def column_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> to
     """(Hkv, L_k) float32 attention every key receives from all query rows (causal column sums),
     mean over the query heads of each group."""
     total = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
-    for _, probs in attention_blocks(queries, keys, 0, scaling):
-        total += probs.sum(dim=2).mean(dim=1)
+    for _, probs in attention_blocks(queries, keys, 0, scaling, causal_width=True):
+        total[:, : probs.shape[-1]] += probs.sum(dim=2).mean(dim=1)
     return total
 
 

@@ -84,3 +84,22 @@ def test_tail_must_be_text_and_fit_the_prompt():
         capture_prefill(model, inputs, tail_tokens=length - 3)
     with pytest.raises(ValueError, match="between 1 and the prompt length"):
         capture_prefill(model, inputs, tail_tokens=length)
+
+
+def test_scores_of_the_prefill_alone_are_computed_once_per_capture():
+    """H2O's whole-matrix column sums go into the capture's memo at the first budget and are reused at
+    the next; the reused scores decode exactly what a fresh capture computes."""
+    from hybridkv.methods import H2O
+
+    model = get_model("llama")
+    inputs = make_inputs("text")
+    shared = capture_prefill(model, inputs)
+    first = decode(model, H2O(0.5), shared, 4)
+    layers = model.config.num_hidden_layers
+    assert len(shared.memo) == layers
+    cached = decode(model, H2O(0.25), shared, 4)
+    assert len(shared.memo) == layers
+    fresh = decode(model, H2O(0.25), capture_prefill(model, inputs), 4)
+    assert cached.tokens.tolist() == fresh.tokens.tolist()
+    torch.testing.assert_close(cached.logits, fresh.logits, rtol=0, atol=0)
+    assert first.report.to_dict()["resident_kv_bytes"] > cached.report.to_dict()["resident_kv_bytes"]

@@ -57,6 +57,12 @@ class H2O(Method):
     def select(self, ctx: LayerContext, plan: Plan) -> torch.Tensor:
         """(Hkv, S) mask: the recent window plus the heaviest hitters, ``tokens_per_head`` in all."""
         length = ctx.keys.shape[1]
-        scores = column_sums(ctx.queries, ctx.keys, ctx.scaling)
+        key = ("column_sums", ctx.layer_idx, tuple(ctx.queries.shape), tuple(ctx.keys.shape), ctx.scaling)
+        if ctx.memo is not None and key in ctx.memo:
+            scores = ctx.memo[key].clone()
+        else:
+            scores = column_sums(ctx.queries, ctx.keys, ctx.scaling)
+            if ctx.memo is not None:
+                ctx.memo[key] = scores.clone()
         scores[:, length - self.recent_tokens(ctx.tokens_per_head) :] = float("inf")
         return top_mask(scores, ctx.tokens_per_head)
