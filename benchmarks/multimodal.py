@@ -11,7 +11,9 @@ and SparseMM use the bundled head profile.
 (:mod:`hybridkv.models.coder_vlm`); the visual needle at 8, 16 and 32 images (2,056-8,224 visual
 tokens, text under 5% of the prompt), in bfloat16; the methods keep their default windows;
 HybridKV-offline and SparseMM use ``results/profiles/coder-vlm.json`` (made on the validation
-split: ``hybridkv profile --model coder-vlm``).
+split: ``hybridkv profile --model coder-vlm``). kvpress's presses run beside them at ``--peer-budget``
+(each press prefills the prompt itself, so they are run at one budget; LLaVA-OneVision's 1-D
+positions let the tail be fed after the press as kvpress's pipeline does).
 
 Same as ``hybridkv eval --model <vlm> --task visual-...``; writes
 ``results/multimodal_<protocol>.*`` (tiny-vlm) or ``results/multimodal_coder-vlm_<protocol>.*``
@@ -21,11 +23,13 @@ question are compressed and the assistant header is fed after; ``question-after`
 images alone (see :mod:`hybridkv.data.visual_eval`).
 
     python benchmarks/multimodal.py [--model tiny-vlm] [--per-kind 50] [--protocol answer-after] [--threads 1]
+           [--images 8 16 32] [--peers kvpress:SnapKV ...] [--peer-budget 0.1]
 """
 
 import argparse
 
 from hybridkv.cli import main
+from hybridkv.evaluation import PEERS
 from hybridkv.models.tiny_vlm import ASSET_DIR
 
 WINDOWED = ("SnapKV", "AdaKV", "PyramidKV", "SparseMM")
@@ -40,15 +44,21 @@ if __name__ == "__main__":
     parser.add_argument("--protocol", default="answer-after", choices=["answer-after", "question-after"])
     parser.add_argument("--threads", default="1")
     parser.add_argument("--profile", help="head profile (default: the model's, see above)")
+    parser.add_argument("--images", nargs="+", help="coder-vlm: images per needle prompt (default: 8 16 32)")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), help="coder-vlm: kvpress presses")
+    parser.add_argument("--peer-budget", default="0.1", help="coder-vlm: the budget kvpress's presses run at")
     args = parser.parse_args()
     if args.model == "tiny-vlm":
         tasks = ["visual-cell_colour", "visual-cell_shape", "visual-count", "visual-needle", "--images", "4", "8", "16"]
         extra = ["--methods", *TINY_METHODS, "--per-kind", args.per_kind or "50", "--max-new-tokens", "2"]
         profile, out = args.profile or str(ASSET_DIR / "profile.json"), f"results/multimodal_{args.protocol}"
     else:
-        tasks = ["visual-needle", "--images", "8", "16", "32"]
+        tasks = ["visual-needle", "--images", *(args.images or ["8", "16", "32"])]
         extra = ["--methods", *CODER_METHODS, "--per-kind", args.per_kind or "20", "--dtype", "bfloat16",
                  "--max-new-tokens", "3"]
         profile, out = args.profile or "results/profiles/coder-vlm.json", f"results/multimodal_coder-vlm_{args.protocol}"
-    main(["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol", args.protocol,
-          "--budgets", *BUDGETS, "--profile", profile, "--out", out])
+    common = ["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol",
+              args.protocol, "--profile", profile, "--out", out]
+    main([*common, "--budgets", *BUDGETS])
+    if args.model == "coder-vlm" and args.peers:
+        main([*common, "--methods", "--budgets", args.peer_budget, "--peers", *args.peers])

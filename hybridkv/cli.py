@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9], help="needle / multi_key (RULER draws its own)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), help="hybridkv methods (none: the full cache "
+                   "and --peers alone)")
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
     p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")

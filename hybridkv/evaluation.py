@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from hybridkv.harness import capture_prefill, decode, mean_kl, prefix_agreement
 from hybridkv.head_profile import HeadProfile
 from hybridkv.methods import REGISTRY, FullKV, make_method
+from hybridkv.models.architectures import model_spec
 from hybridkv.result_store import ResultStore
 from hybridkv.tables import markdown_table, plot, summarize
 
@@ -100,9 +101,10 @@ def evaluate(
 ) -> None:
     """Run every (task, method, budget) not yet in ``store`` and append its row."""
     methods, budgets, peers, tasks = list(methods), list(budgets), list(peers), list(tasks)
-    if peers and any(task.tail_tokens and "pixel_values" in task.inputs() for task in tasks):
-        raise ValueError("kvpress peers feed a tail after compression with 1-D positions only (text models); "
-                         "evaluate visual tasks with a tail without --peers.")
+    if peers and model_spec(model).has_mrope and any(task.tail_tokens and "pixel_values" in task.inputs() for task in tasks):
+        raise ValueError("kvpress peers feed a tail after compression with 1-D positions only (text models and "
+                         "VLMs with 1-D positions, e.g. LLaVA-OneVision); evaluate this M-RoPE model's visual tasks "
+                         "with a tail without --peers.")
     stop = tuple(i for i in [tokenizer.eos_token_id] if i is not None)
     bar = None
     if progress:
@@ -167,19 +169,24 @@ def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_t
                 with press(model):
                     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 return out[0, inputs["input_ids"].shape[1] :]
-            return _kvpress_after_tail(model, press, inputs["input_ids"], task.tail_tokens, max_new_tokens, stop_ids)
+            return _kvpress_after_tail(model, press, inputs, task.tail_tokens, max_new_tokens, stop_ids)
     finally:
         config._attn_implementation_internal = saved
 
 
-def _kvpress_after_tail(model, press, input_ids: torch.Tensor, tail_tokens: int, max_new_tokens: int,
+def _kvpress_after_tail(model, press, inputs: dict[str, torch.Tensor], tail_tokens: int, max_new_tokens: int,
                         stop_ids: tuple[int, ...]) -> torch.Tensor:
-    """Prefill ``input_ids`` (1, L) but its last ``tail_tokens`` under ``press``, then feed the tail and
-    decode greedily at positions L - tail_tokens, L - tail_tokens + 1, ... outside the press; (T,) ids."""
+    """Prefill the prompt ``inputs["input_ids"]`` (1, L) but its last ``tail_tokens`` under ``press``
+    (with the prompt's other inputs, e.g. a 1-D-position VLM's pixels), then feed the tail and decode
+    greedily at positions L - tail_tokens, L - tail_tokens + 1, ... outside the press; (T,) ids."""
     cache = DynamicCache()
+    input_ids = inputs["input_ids"]
     prefix_len = input_ids.shape[1] - tail_tokens
+    prefix = {**inputs, "input_ids": input_ids[:, :prefix_len]}
+    if "attention_mask" in inputs:
+        prefix["attention_mask"] = inputs["attention_mask"][:, :prefix_len]
     with press(model):
-        model.model(input_ids=input_ids[:, :prefix_len], past_key_values=cache, use_cache=True)
+        model.model(**prefix, past_key_values=cache, use_cache=True)
     feed, position, tokens = input_ids[:, prefix_len:], prefix_len, []
     for _ in range(max_new_tokens):
         positions = torch.arange(position, position + feed.shape[1], device=input_ids.device)[None]

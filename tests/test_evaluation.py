@@ -99,6 +99,43 @@ def test_kvpress_peers_refuse_visual_tasks_with_a_tail(tmp_path):
                  [0.5], peers=["kvpress:SnapKV"], progress=False)
 
 
+def test_kvpress_peers_run_on_a_vlm_with_1d_positions(tmp_path):
+    """LLaVA-OneVision gives visual tokens 1-D positions, so kvpress's tail path applies: with a press
+    that compresses nothing it answers what plain ``generate()`` answers."""
+    import contextlib
+
+    from conftest import make_inputs
+
+    from hybridkv.evaluation import _kvpress_after_tail
+
+    model = get_model("llava_onevision")
+    inputs = make_inputs("multi_image", model_type="llava_onevision")
+    with torch.inference_mode():
+        plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)[0, inputs["input_ids"].shape[1]:]
+        tokens = _kvpress_after_tail(model, contextlib.nullcontext, inputs, 3, 4, ())
+    assert tokens.tolist() == plain.tolist()
+
+
+def test_evaluation_runs_kvpress_peers_on_a_vlm_with_1d_positions(tmp_path):
+    """Under a real press (kvpress, the benchmark extra) the evaluation stores the peer's row beside ours."""
+    pytest.importorskip("kvpress")
+    from conftest import make_inputs
+
+    model = get_model("llava_onevision")
+    inputs = make_inputs("multi_image", model_type="llava_onevision")
+
+    class Visual(TextTask):
+        def inputs(self):
+            return inputs
+
+    ids = inputs["input_ids"]
+    task = Visual("needle", ids.shape[1], 0.5, 0, ids, 10, "1", tail_tokens=3)
+    store = ResultStore(tmp_path / "v.jsonl")
+    evaluate(model, DigitTokenizer(), "tiny", [task], store, ["SnapKV"], [0.5], peers=["kvpress:SnapKV"], progress=False,
+             max_new_tokens=2)
+    assert {r["method"] for r in store.rows.values()} == {"FullKV", "SnapKV", "kvpress:SnapKV"}
+
+
 def test_kvpress_tail_path_continues_positions_like_a_full_forward():
     """The question-agnostic peer path (prefix under the press, then tail and answer at explicit
     positions): with a press that compresses nothing, its logits at every step equal one full
@@ -116,7 +153,7 @@ def test_kvpress_tail_path_continues_positions_like_a_full_forward():
         handle = model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[0, -1].clone()))
         try:
             with torch.inference_mode():
-                tokens = _kvpress_after_tail(model, press, ids, 12, 6, ())
+                tokens = _kvpress_after_tail(model, press, {"input_ids": ids}, 12, 6, ())
         finally:
             handle.remove()
         return tokens, torch.stack(seen)

@@ -20,6 +20,9 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 """Keys are the outer ``config.model_type`` transformers gives each architecture (a composite
 vision-language model reports its own type, e.g. ``"llava_onevision"``, not its decoder's)."""
 MULTIMODAL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision", "internvl")
+MROPE_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+"""Architectures whose visual tokens get multimodal (time, row, column) rotary positions; the others
+give every token, visual or not, one consecutive 1-D position."""
 
 
 class UnsupportedModelError(ValueError):
@@ -49,6 +52,11 @@ class ModelSpec:
     def is_multimodal(self) -> bool:
         """True for the vision-language architectures."""
         return self.model_type in MULTIMODAL_MODEL_TYPES
+
+    @property
+    def has_mrope(self) -> bool:
+        """True where visual tokens get multimodal rotary positions (:data:`MROPE_MODEL_TYPES`)."""
+        return self.model_type in MROPE_MODEL_TYPES
 
 
 def _supported_list() -> str:
