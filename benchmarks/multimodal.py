@@ -34,7 +34,9 @@ from hybridkv.models.tiny_vlm import ASSET_DIR
 
 WINDOWED = ("SnapKV", "AdaKV", "PyramidKV", "SparseMM")
 TINY_METHODS = ("StreamingLLM", "H2O", *(f"{m}:window_size=16" for m in WINDOWED), "Quest", "HybridKV", "HybridKV-offline")
-CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline")
+CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline", "HybridKV:kernel_size=15")
+"""coder-vlm's methods; HybridKV:kernel_size=15 is the pooling width tuned on RULER's text needles (docs/ruler.md),
+run here to see whether it carries over to visual tokens."""
 BUDGETS = ("0.05", "0.1", "0.2", "0.4")
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_patch_words_spell_each_cell():
         for c in range(4):
             block = [row[4 * c : 4 * c + 4] for row in grid[4 * r : 4 * r + 4]]
             item = scene.item_at(r, c)
-            what = [f" {item.colour}", f" {item.shape}"] if item else [" empty", coder_vlm.FILLER]
+            what = [f" {item.shape}", f" {item.colour}"] if item else [" empty", coder_vlm.FILLER]
             assert block[0] == [f" {COLUMN_NAMES[c]}", str(r + 1), *what]
             assert all(row == [coder_vlm.FILLER] * 4 for row in block[1:])
     with pytest.raises(ValueError, match="4x4 boards"):

@@ -15,13 +15,17 @@ to land on the decoder's word embedding of one token of the board's *patch capti
 (:func:`patch_words`), so the frozen decoder reads an image the way it reads that caption. A
 board (:data:`TASK_CONFIG`) is 4 x 4 cells of 56 px on a 224 px image; SigLIP's 14 px patches
 give 16 x 16 = 256 visual tokens, a 4 x 4 block per cell. The first patch row of a cell's block
-spells ``<column letter> <row digit> <colour> <shape>`` (``a1 red circle``; an empty cell
+spells ``<column letter> <row digit> <shape> <colour>`` (``a1 circle red``; an empty cell
 ``b3 empty .``); its other three rows are the filler ``" ."`` (background). Read in the decoder's
 order (patch rows top to bottom, left to right), the first patch row of a board row is
-``a1 red circle b1 empty . c1 blue star d1 green square``, then 48 fillers. A layout whose other
-rows repeated the cell's words (``red circle red circle``, as neighbouring patches of one object
-look alike) was tried first with the embeddings given exactly: the decoder then named the wrong
-colour on 2 of 7 validation needles at 16-32 images, against 7 of 7 with the filler.
+``a1 circle red b1 empty . c1 star blue d1 square green``, then 48 fillers. The colour follows the
+shape because the question names the shape ("what colour is the star?"): the answer is then the
+word after the matched one, what a pretrained decoder copies best. With the caption embeddings
+given exactly (no vision tower), on 12 validation needles at 8 images the decoder named the
+star's colour 11 times with this order against 8 with the colour first (``a1 red circle``), which
+it often answered with the next cell's colour. A layout whose other rows repeated the cell's words
+(``red circle red circle``, as neighbouring patches of one object look alike) was worse still at
+16-32 images (5 of 7 against 7 of 7 with the filler).
 
 Prompts (multi-image, as LLaVA-OneVision packs them): each image is its base tile's 256 features
 plus one image-newline token (the newline's word embedding), 257 ``<|image_pad|>`` positions, after
@@ -100,9 +104,9 @@ class VisionSize:
 def cell_words(scene: Scene, row: int, col: int) -> list[list[str]]:
     """The 4 x 4 patch words of cell (``row``, ``col``) (0-based), patch rows top to bottom."""
     item = scene.item_at(row, col)
-    colour = f" {item.colour}" if item else " empty"
-    shape = f" {item.shape}" if item else FILLER
-    first = [f" {COLUMN_NAMES[col]}", str(row + 1), colour, shape]
+    shape = f" {item.shape}" if item else " empty"
+    colour = f" {item.colour}" if item else FILLER
+    first = [f" {COLUMN_NAMES[col]}", str(row + 1), shape, colour]
     return [first] + [[FILLER] * 4 for _ in range(3)]
 
 
