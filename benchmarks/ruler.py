@@ -34,7 +34,14 @@ def column(row: dict) -> str:
 
 
 def summary(rows: list[dict], budget: float) -> tuple[list[dict], str]:
-    """Per method, the mean score x 100 in every (length, protocol) column, overall and per task."""
+    """Per method, the mean score x 100 in every (length, protocol) column, overall and per task,
+    over the prompts every method has a row for (a run stopped part-way leaves some prompts short)."""
+    rows = [r for r in rows if r["method"] == "FullKV" or r["budget"] == budget]
+    methods_of: dict[str, set] = defaultdict(set)
+    for row in rows:
+        methods_of[row["task"]].add(row["method"])
+    everyone = set().union(*methods_of.values()) if methods_of else set()
+    rows = [r for r in rows if methods_of[r["task"]] == everyone]
     cells: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         if row["method"] == "FullKV" or row["budget"] == budget:
