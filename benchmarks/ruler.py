@@ -44,9 +44,8 @@ def summary(rows: list[dict], budget: float) -> tuple[list[dict], str]:
     rows = [r for r in rows if methods_of[r["task"]] == everyone]
     cells: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
-        if row["method"] == "FullKV" or row["budget"] == budget:
-            for kind in ("all", row["kind"]):
-                cells[(row["method"], column(row), kind)].append(row["score"])
+        for kind in ("all", row["kind"]):
+            cells[(row["method"], column(row), kind)].append(row["score"])
     columns = sorted({c for _, c, _ in cells}, key=lambda c: (int(c.split("k")[0]), c))
     methods = ["FullKV", *sorted({m for m, _, _ in cells} - {"FullKV"})]
     table, sections = [], []
