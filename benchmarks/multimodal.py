@@ -52,15 +52,15 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.model == "tiny-vlm":
         tasks = ["visual-cell_colour", "visual-cell_shape", "visual-count", "visual-needle", "--images", "4", "8", "16"]
-        extra = ["--methods", *TINY_METHODS, "--per-kind", args.per_kind or "50", "--max-new-tokens", "2"]
+        methods, extra = TINY_METHODS, ["--per-kind", args.per_kind or "50", "--max-new-tokens", "2"]
         profile, out = args.profile or str(ASSET_DIR / "profile.json"), f"results/multimodal_{args.protocol}"
     else:
         tasks = ["visual-needle", "--images", *(args.images or ["8", "16", "32"])]
-        extra = ["--methods", *CODER_METHODS, "--per-kind", args.per_kind or "20", "--dtype", "bfloat16",
-                 "--max-new-tokens", "3"]
+        methods = CODER_METHODS
+        extra = ["--per-kind", args.per_kind or "20", "--dtype", "bfloat16", "--max-new-tokens", "3"]
         profile, out = args.profile or "results/profiles/coder-vlm.json", f"results/multimodal_coder-vlm_{args.protocol}"
     common = ["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol",
               args.protocol, "--profile", profile, "--out", out]
-    main([*common, "--budgets", *BUDGETS])
+    main([*common, "--methods", *methods, "--budgets", *BUDGETS])
     if args.model == "coder-vlm" and args.peers:
         main([*common, "--methods", "--budgets", args.peer_budget, "--peers", *args.peers])

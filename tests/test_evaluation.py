@@ -99,7 +99,7 @@ def test_kvpress_peers_refuse_visual_tasks_with_a_tail(tmp_path):
                  [0.5], peers=["kvpress:SnapKV"], progress=False)
 
 
-def test_kvpress_peers_run_on_a_vlm_with_1d_positions(tmp_path):
+def test_kvpress_peers_run_on_a_vlm_with_1d_positions():
     """LLaVA-OneVision gives visual tokens 1-D positions, so kvpress's tail path applies: with a press
     that compresses nothing it answers what plain ``generate()`` answers."""
     import contextlib
