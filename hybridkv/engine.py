@@ -81,7 +81,8 @@ class Engine:
 
     Args:
         model: a supported model. method: the method (configuration).
-        query_tokens: text prompts: trailing prompt tokens that form the question.
+        query_tokens: text prompts: trailing prompt tokens that form the question (0: the
+            prompt holds none, the question comes after compression).
         compile: compile each layer's decoding step with ``torch.compile(fullgraph=True)``.
         min_turn_tokens: a later multi-token forward is compressed when it holds visual tokens
             or at least this many tokens.

@@ -94,6 +94,19 @@ def snap_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_s
     return torch.cat([scores, scores.new_full((scores.shape[0], window), float("inf"))], dim=1)
 
 
+def key_diversity(keys: torch.Tensor) -> torch.Tensor:
+    """(Hkv, L) float32 distinctiveness of each key: minus its cosine similarity to the head's
+    mean unit key (KeyDiff, Park et al., 2025). Keys that repeat the prompt's common pattern
+    (background patches, filler) score low; rare content scores high. Needs no query.
+
+    Args:
+        keys: (Hkv, L, D) after RoPE.
+    """
+    unit = F.normalize(keys.float(), dim=-1)
+    anchor = F.normalize(unit.mean(dim=1, keepdim=True), dim=-1)  # (Hkv, 1, D)
+    return -(unit * anchor).sum(-1)
+
+
 def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """(Hkv, L) bool mask of each row's ``k`` highest scores (ties broken by position).
 

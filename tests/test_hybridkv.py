@@ -234,3 +234,65 @@ def test_budget_between_must_and_all_text_prunes_the_other_text_by_score():
     assert report.budget_exceeded_tokens == 0
     assert all(len(head) == budget for layer in kept for head in layer[0])
     assert all(set(range(4)) | set(range(length - 6, length)) <= set(head) for layer in kept for head in layer[0])
+
+
+def test_a_prompt_without_question_scores_tokens_by_key_diversity():
+    """Images compressed before the question: no text prior, so static heads keep their
+    protected tokens and the keys least like their head's mean key (pooled over
+    ``diversity_kernel``, not the text prior's ``kernel_size``)."""
+    model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
+    inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # ends with <vision_end>
+    method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4)
+    with method.apply(model) as engine:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = kept_positions(engine.layers)
+        spans = engine._history[0][0].spans
+    assert spans.query_source == "none" and method.report.extra["token_prior"] == "key_diversity"
+    assert method.report.extra["degraded_layers"] == 0
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    length = spans.prompt_len
+    positions = torch.arange(length)
+    protected = (positions < 4) | ~spans.context | (positions >= length - 8)  # no question span to keep
+    for idx in range(len(kept)):
+        keys = cache.layers[idx].keys[0].float()  # (Hkv, L, D) after RoPE, as the engine sees them
+        for h in range(2):
+            unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
+            mean = unit.mean(dim=0)
+            diversity = -(unit @ mean) / mean.norm()
+            scores = F.avg_pool1d(diversity[None, None], 5, stride=1, padding=2)[0, 0]
+            n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
+            expected = set(scores.masked_fill(protected, float("-inf")).topk(n_free).indices.tolist())
+            assert set(kept[idx][0][h]) == expected | set(positions[protected].tolist())
+
+
+def test_a_prompt_without_question_at_a_small_budget_keeps_only_sinks_and_window_for_sure():
+    """A one-image prompt that ends with its image, at a budget below the text: what every head
+    must keep is its sinks and window (no question span), so the trailing visual tokens compete
+    by score and the budget is exceeded only where sinks + window exceed it."""
+    model = get_model("qwen2_5_vl")
+    inputs = visual_inputs(images=1, grid=8, seed=2, text_before=10, question=0)
+    budget = 14
+    _, report, kept, _ = run_under(model, HybridKV(budget, window=4, sink_tokens=4, max_dynamic_share=0.0),
+                                   inputs, max_new_tokens=2)
+    length = inputs["input_ids"].shape[1]
+    assert report.extra["token_prior"] == "key_diversity" and report.extra["degraded_layers"] > 0
+    assert report.budget_exceeded_tokens == 0
+    assert all(len(head) == budget for layer in kept for head in layer[0])
+    assert all(set(range(4)) | set(range(length - 4, length)) <= set(head) for layer in kept for head in layer[0])
+
+
+def test_question_free_prior_changes_nothing_when_the_prompt_has_a_question():
+    model = get_model("qwen2_5_vl")
+    inputs = visual_inputs(images=2, grid=8, seed=3)
+    runs = [run_under(model, HybridKV(0.2, question_free_prior=prior), inputs, max_new_tokens=4)
+            for prior in ("key_diversity", "attention")]
+    assert runs[0][1].extra["token_prior"] == runs[1][1].extra["token_prior"] == "text_prior"
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][2] == runs[1][2]
+
+
+def test_question_free_prior_is_checked():
+    with pytest.raises(ValueError, match="question_free_prior must be one of"):
+        HybridKV(0.1, question_free_prior="keys")
+    with pytest.raises(ValueError, match="diversity_kernel must be odd"):
+        HybridKV(0.1, diversity_kernel=4)

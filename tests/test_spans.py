@@ -1,5 +1,6 @@
 """Visual token spans and text-prior query spans."""
 
+import pytest
 import torch
 from conftest import get_model
 
@@ -42,3 +43,24 @@ def test_text_without_markers_uses_window():
     spec = model_spec(get_model("qwen2"))
     spans = find_spans(text_inputs(100)["input_ids"], 100, spec, None)
     assert spans.query_source == "window" and spans.query_len == DEFAULT_QUERY_WINDOW
+
+
+def test_images_without_a_question_have_no_text_prior():
+    spec = model_spec(get_model("qwen2_5_vl"))
+    for inputs in (visual_inputs(images=2, grid=8, question=0),  # only <vision_end> after the images
+                   {"input_ids": visual_inputs(images=2, grid=8, question=0)["input_ids"][:, :-1]}):  # nothing
+        ids = inputs["input_ids"]
+        spans = find_spans(ids, ids.shape[1], spec, None)
+        assert spans.query_source == "none" and spans.query_len == DEFAULT_QUERY_WINDOW
+        assert torch.equal(spans.context, spans.visual)
+    ids = visual_inputs(images=2, grid=8, question=1)["input_ids"]  # one word and <vision_end>: a question
+    assert find_spans(ids, ids.shape[1], spec, None).query_source == "after_visual"
+
+
+def test_query_tokens_zero_says_the_prompt_holds_no_question():
+    spec = model_spec(get_model("qwen2"))
+    spans = find_spans(text_inputs(100)["input_ids"], 100, spec, 0)
+    assert spans.query_source == "none" and spans.query_len == DEFAULT_QUERY_WINDOW
+    assert int(spans.context.sum()) == 100 - DEFAULT_QUERY_WINDOW
+    with pytest.raises(ValueError, match="between 0 and the prompt length"):
+        find_spans(text_inputs(100)["input_ids"], 100, spec, -1)

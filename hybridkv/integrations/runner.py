@@ -117,7 +117,7 @@ class CompressedRunner:
         if self.query_tokens is None:
             return None
         prefix = inputs["input_ids"].shape[1] - tail_tokens
-        if not 0 < self.query_tokens < prefix:
+        if not 0 <= self.query_tokens < prefix:
             raise ValueError(f"query_tokens={self.query_tokens} does not fit a prompt of {prefix} compressed tokens; "
                              "lower it or leave it out (the question is then inferred).")
         return self.query_tokens

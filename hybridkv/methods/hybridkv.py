@@ -13,9 +13,18 @@ Stage 1 (:mod:`hybridkv.profile`) types each KV head static or dynamic; stage 2
   (:class:`~hybridkv.cache.ChunkPool`); every decoding step attends over the protected tokens
   + the best-scoring chunks that fit the head's attended budget + the generated tokens.
 
+Prompts without a question (a multimodal prompt that ends with its images, compressed before
+the question arrives: ``PromptSpans.query_source == "none"``) have no text prior. There the
+token scores of both head types come from ``question_free_prior``: ``"key_diversity"``
+(default) keeps the keys least like the head's mean key (:func:`hybridkv.scoring.key_diversity`,
+pooled over ``diversity_kernel`` neighbours), ``"attention"`` the trailing window's attention, as
+SnapKV does; head types and budgets still come from the window's attention. ``docs/choices.md``
+has the measurement behind the default.
+
 Protected tokens of every head: the first ``sink_tokens``, all text tokens (outside the visual /
 context span) and the last ``window`` tokens. When a budget cannot hold them (a short prompt, a
-small budget), every head keeps what it must (sinks, the text-prior query span and the window),
+small budget), every head keeps what it must (sinks, the text-prior query span and the window;
+a prompt without a question has no query span to keep: its trailing tokens are scored),
 the rest of the text competes with the visual tokens by score within the budget, dynamic heads
 act as static ones (no room for chunks), and the report says by how much the budget was
 exceeded (``extra["budget_exceeded_tokens"]``).
@@ -47,7 +56,7 @@ from hybridkv.head_profile import HeadProfile, classify, top_prior
 from hybridkv.methods.base import Method, check_int, check_share
 from hybridkv.methods.registry import register
 from hybridkv.models.architectures import ModelSpec
-from hybridkv.scoring import attention_blocks, mean_attention, pool_scores, top_mask
+from hybridkv.scoring import attention_blocks, key_diversity, mean_attention, pool_scores, top_mask
 from hybridkv.spans import PromptSpans
 
 
@@ -88,6 +97,10 @@ class HybridKVPlan(Plan):
         }
 
 
+QUESTION_FREE_PRIORS = ("key_diversity", "attention")
+"""Token scores HybridKV can use on a prompt that holds no question."""
+
+
 @register
 @dataclass(eq=False, kw_only=True)
 class HybridKV(Method):
@@ -109,6 +122,9 @@ class HybridKV(Method):
         base_share / layer_share_range: stage-2 parameters (see :func:`hybridkv.budget.allocate`).
         threshold / topk_share / max_dynamic_share: online classification parameters (see
             :mod:`hybridkv.profile`); the offline profile carries its own.
+        question_free_prior: token scores of a prompt that holds no question:
+            ``"key_diversity"`` or ``"attention"`` (see the module docstring).
+        diversity_kernel: pooling width of key-diversity scores (odd).
     """
 
     profile: HeadProfile | None = None
@@ -125,6 +141,8 @@ class HybridKV(Method):
     threshold: float = 0.5
     topk_share: float = 0.1
     max_dynamic_share: float = 0.5
+    question_free_prior: str = "key_diversity"
+    diversity_kernel: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,12 +151,15 @@ class HybridKV(Method):
         check_int("chunk_size", self.chunk_size, 1)
         check_int("sink_tokens", self.sink_tokens, 0)
         check_int("window", self.window, 0)
-        check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (a centred pooling window), got {self.kernel_size}.")
+        for name in ("kernel_size", "diversity_kernel"):
+            check_int(name, getattr(self, name), 1)
+            if getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name} must be odd (a centred pooling window), got {getattr(self, name)}.")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, (int, float))
                                       or self.pool < 1.0):
             raise ValueError(f"pool must be a number >= 1.0 (pool size / attended chunks) or None, got {self.pool!r}.")
+        if self.question_free_prior not in QUESTION_FREE_PRIORS:
+            raise ValueError(f"question_free_prior must be one of {QUESTION_FREE_PRIORS}, got {self.question_free_prior!r}.")
         if self.store not in ("device", "host"):
             raise ValueError(f"store must be 'device' or 'host', got {self.store!r}.")
         for name in ("coverage", "base_share", "topk_share", "max_dynamic_share"):
@@ -165,9 +186,12 @@ class HybridKV(Method):
         """Protected tokens and, with an offline profile, the whole model's budgets."""
         length = spans.prompt_len
         positions = torch.arange(length)
-        must = (positions < self.sink_tokens) | (positions >= length - self.window) | (positions >= spans.query_start)
+        no_question = spans.query_source == "none"
+        question = torch.zeros(length, dtype=torch.bool) if no_question else positions >= spans.query_start
+        must = (positions < self.sink_tokens) | (positions >= length - self.window) | question
         protected = must | ~spans.context
-        settings = {"chunk_size": self.chunk_size, "pool": self.pool, "store": self.store}
+        settings = {"chunk_size": self.chunk_size, "pool": self.pool, "store": self.store,
+                    "token_prior": self.question_free_prior if no_question else "text_prior"}
         plan = HybridKVPlan(spec, protected, must, tokens_per_head, "offline" if self.profile else "online", settings)
         if self.profile is not None:
             plan.head_types = [list(row) for row in self.profile.head_types]
@@ -197,9 +221,12 @@ class HybridKV(Method):
         idx = ctx.layer_idx
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
+        kernel = self.kernel_size
+        if plan.settings["token_prior"] == "key_diversity":
+            prior, kernel = key_diversity(ctx.keys), self.diversity_kernel
         degraded = plan.degraded[idx]
         fixed = (plan.must if degraded else plan.protected).to(device)
-        scores = pool_scores(prior, self.kernel_size).masked_fill(fixed, float("inf"))
+        scores = pool_scores(prior, kernel).masked_fill(fixed, float("inf"))
         keep = torch.zeros(ctx.keys.shape[:2], dtype=torch.bool, device=device)
         chunks = []
         for h in range(ctx.keys.shape[0]):
