@@ -181,7 +181,7 @@ def test_question_after_feeds_the_question_as_the_tail(chars):
     aware = ruler_tasks(CharTokenizer(), ["niah_multikey"], [3000], [0])[0]
     agnostic = ruler_tasks(CharTokenizer(), ["niah_multikey"], [3000], [0], protocol="question-after")[0]
     assert agnostic.input_ids.tolist() == aware.input_ids.tolist() and agnostic.references == aware.references
-    assert (agnostic.tail_tokens, agnostic.query_tokens, aware.tail_tokens) == (aware.query_tokens, None, 0)
+    assert (agnostic.tail_tokens, agnostic.query_tokens, aware.tail_tokens) == (aware.query_tokens, 0, 0)
     question = chars.tokenizer.decode(agnostic.input_ids[0, -agnostic.tail_tokens :].tolist())
     assert question.startswith("\n\nQuestion:") and agnostic.key == aware.key + "-qafter"
     with pytest.raises(ValueError, match="unknown protocol"):

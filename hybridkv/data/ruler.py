@@ -68,8 +68,8 @@ class RulerTask:
     Attributes:
         task: one of :data:`RULER_TASKS`. length: the requested prompt length (the prompt has at most
         this many tokens). seed: generator seed. input_ids: (1, L) prompt ids.
-        query_tokens: tokens of the trailing question (with its answer prefix); None when the question is the
-            tail (``question-after``).
+        query_tokens: tokens of the trailing question (with its answer prefix); 0 when the question is the
+            tail (``question-after``: the compressed prefix holds no question).
         references: strings a correct answer contains (all of them).
         max_new_tokens: tokens to generate for the answer.
         depth: relative depth in the context of the first asked needle (0.0 for the word lists).
@@ -98,9 +98,9 @@ class RulerTask:
 
     def question_after(self) -> RulerTask:
         """The question-agnostic variant: the question (with its answer prefix) is the tail fed after
-        compression, and the compressed prefix has no question span of its own (methods then fall
-        back to the prompt's last tokens, as kvpress's presses do without a question)."""
-        return replace(self, query_tokens=None, tail_tokens=self.query_tokens, protocol="question-after")
+        compression, and the compressed prefix holds no question (``query_tokens=0``: methods that
+        need a query fall back to the prompt's last tokens, as kvpress's presses do without one)."""
+        return replace(self, query_tokens=0, tail_tokens=self.query_tokens, protocol="question-after")
 
     @property
     def kind(self) -> str:
