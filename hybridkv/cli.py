@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise SystemExit(f"visual tasks run on the project's VLMs: --model {' or '.join(VISUAL_MODELS)}")
         model, tokenizer, processor = visual_model(args.model).load(**_placement(args))
         kinds = [t.replace("visual-", "") for t in visual]
-        tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, num_images=args.images or None,
+        tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, args.split, num_images=args.images or None,
                              protocol=args.protocol, model=args.model)
         kinds = list(dict.fromkeys(t.kind for t in tasks))
         kinds += ["needle-*"] if sum(k.startswith("needle-") for k in kinds) > 1 else []
@@ -104,6 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from hybridkv.models.loading import load_model
 
         model, tokenizer = load_model(args.model, **_placement(args))
+        if args.split != "test":
+            raise SystemExit("--split applies to visual tasks; text tasks choose their prompts with --seeds")
         tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds, args.protocol)
         kinds = list(dict.fromkeys(t.kind for t in tasks))
         title = "retrieval accuracy" + ("" if args.protocol == "answer-after" else f" ({args.protocol})")
@@ -192,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["needle", "multi_key", "ruler", *(f"ruler-{t}" for t in RULER_TASKS), *VISUAL_TASKS],
                    help="text tasks (real-weights models; ruler: every RULER task, see docs/ruler.md) or visual-* tasks "
                    "(--model tiny-vlm or coder-vlm)")
-    p.add_argument("--per-kind", type=int, default=20, help="visual tasks: test questions per task kind")
+    p.add_argument("--per-kind", type=int, default=20, help="visual tasks: questions per task kind")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="visual tasks: the split the questions come from (validation: for tuning, never reported "
+                   "as a result)")
     p.add_argument("--images", nargs="+", type=int, help="visual-needle: images per prompt, one set of tasks "
                    "per count (default: drawn per question, 4-16)")
     p.add_argument("--protocol", default="answer-after", choices=["answer-after", "question-after"],
