@@ -34,9 +34,15 @@ from hybridkv.models.tiny_vlm import ASSET_DIR
 
 WINDOWED = ("SnapKV", "AdaKV", "PyramidKV", "SparseMM")
 TINY_METHODS = ("StreamingLLM", "H2O", *(f"{m}:window_size=16" for m in WINDOWED), "Quest", "HybridKV", "HybridKV-offline")
-CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline", "HybridKV:kernel_size=15")
-"""coder-vlm's methods; HybridKV:kernel_size=15 is the pooling width tuned on RULER's text needles (docs/ruler.md),
-run here to see whether it carries over to visual tokens."""
+CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline")
+VARIANTS = {
+    ("coder-vlm", "answer-after"): ("HybridKV:kernel_size=15",),
+    ("tiny-vlm", "question-after"): ("HybridKV:question_free_prior=attention",),
+    ("coder-vlm", "question-after"): ("HybridKV:question_free_prior=attention",),
+}
+"""HybridKV variants run beside the default: the text prior's pooling width tuned on RULER's text needles
+(docs/ruler.md), to see whether it carries over to visual tokens (it pools nothing without a question); and,
+with the images compressed before the question, the window's attention in place of key diversity."""
 BUDGETS = ("0.05", "0.1", "0.2", "0.4")
 
 if __name__ == "__main__":
@@ -61,6 +67,7 @@ if __name__ == "__main__":
         profile, out = args.profile or "results/profiles/coder-vlm.json", f"results/multimodal_coder-vlm_{args.protocol}"
     common = ["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol",
               args.protocol, "--profile", profile, "--out", out]
+    methods = (*methods, *VARIANTS.get((args.model, args.protocol), ()))
     main([*common, "--methods", *methods, "--budgets", *BUDGETS])
     if args.model == "coder-vlm" and args.peers:
         main([*common, "--methods", "--budgets", args.peer_budget, "--peers", *args.peers])

@@ -35,13 +35,16 @@ def column(row: dict) -> str:
 
 def summary(rows: list[dict], budget: float) -> tuple[list[dict], str]:
     """Per method, the mean score x 100 in every (length, protocol) column, overall and per task,
-    over the prompts every method has a row for (a run stopped part-way leaves some prompts short)."""
+    over the prompts of that column every method run there has a row for (a run stopped part-way
+    leaves some prompts short; a column may run fewer methods, the others are blank there)."""
     rows = [r for r in rows if r["method"] == "FullKV" or r["budget"] == budget]
     methods_of: dict[str, set] = defaultdict(set)
     for row in rows:
         methods_of[row["task"]].add(row["method"])
-    everyone = set().union(*methods_of.values()) if methods_of else set()
-    rows = [r for r in rows if methods_of[r["task"]] == everyone]
+    everyone: dict[str, set] = defaultdict(set)
+    for row in rows:
+        everyone[column(row)] |= methods_of[row["task"]]
+    rows = [r for r in rows if methods_of[r["task"]] == everyone[column(r)]]
     cells: dict[tuple, list[float]] = defaultdict(list)
     for row in rows:
         for kind in ("all", row["kind"]):
