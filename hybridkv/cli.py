@@ -103,9 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         from hybridkv.models.loading import load_model
 
-        model, tokenizer = load_model(args.model, **_placement(args))
         if args.split != "test":
             raise SystemExit("--split applies to visual tasks; text tasks choose their prompts with --seeds")
+        model, tokenizer = load_model(args.model, **_placement(args))
         tasks = _text_tasks(tokenizer, args.task, args.lengths, args.depths, args.seeds, args.protocol)
         kinds = list(dict.fromkeys(t.kind for t in tasks))
         title = "retrieval accuracy" + ("" if args.protocol == "answer-after" else f" ({args.protocol})")

@@ -53,3 +53,17 @@ def test_eval_command_writes_tables_and_resumes(checkpoint, tmp_path):
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="neither a known model"):
         main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi"])
+
+
+def test_eval_split_draws_visual_questions_from_it_and_text_tasks_refuse_it(checkpoint, tmp_path):
+    from hybridkv.data.visual_tasks import split_seeds
+
+    out = tmp_path / "validation"
+    main(["--threads", "1", "eval", "--model", "tiny-vlm", "--task", "visual-count", "--per-kind", "2", "--split",
+          "validation", "--methods", "SnapKV", "--budgets", "0.4", "--max-new-tokens", "2", "--out", str(out)])
+    tasks = {json.loads(r)["task"] for r in Path(f"{out}.jsonl").read_text().splitlines()}
+    assert len(tasks) == 2
+    assert all(any(f"s{seed}" in task for seed in split_seeds("validation", 2)) for task in tasks)
+    assert not any(f"s{seed}-" in task for seed in split_seeds("test", 2) for task in tasks)
+    with pytest.raises(SystemExit, match="--split applies to visual tasks"):
+        main(["eval", "--model", str(checkpoint), "--task", "needle", "--split", "validation", "--out", str(out)])
