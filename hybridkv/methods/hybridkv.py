@@ -13,21 +13,20 @@ Stage 1 (:mod:`hybridkv.profile`) types each KV head static or dynamic; stage 2
   (:class:`~hybridkv.cache.ChunkPool`); every decoding step attends over the protected tokens
   + the best-scoring chunks that fit the head's attended budget + the generated tokens.
 
-Prompts without a question (a multimodal prompt that ends with its images, compressed before
-the question arrives: ``PromptSpans.query_source == "none"``) have no text prior. There the
-token scores of both head types come from ``question_free_prior``: ``"key_diversity"``
-(default) keeps the keys least like the head's mean key (:func:`hybridkv.scoring.key_diversity`,
-pooled over ``diversity_kernel`` neighbours), ``"attention"`` the trailing window's attention, as
-SnapKV does; head types and budgets still come from the window's attention. ``docs/choices.md``
-has the measurement behind the default.
+Prompts without a question (``query_tokens=0``, or a multimodal prompt that ends with its
+images, compressed before the question arrives: ``PromptSpans.query_source == "none"``) have no
+text prior and no question span to protect. There the token scores of both head types come
+from ``question_free_prior``: ``"key_diversity"`` (default) keeps the keys least like the head's
+mean key (:func:`hybridkv.scoring.key_diversity`, pooled over ``diversity_kernel`` neighbours),
+``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
+come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
 Protected tokens of every head: the first ``sink_tokens``, all text tokens (outside the visual /
 context span) and the last ``window`` tokens. When a budget cannot hold them (a short prompt, a
 small budget), every head keeps what it must (sinks, the text-prior query span and the window;
-a prompt without a question has no query span to keep: its trailing tokens are scored),
-the rest of the text competes with the visual tokens by score within the budget, dynamic heads
-act as static ones (no room for chunks), and the report says by how much the budget was
-exceeded (``extra["budget_exceeded_tokens"]``).
+without a question, sinks and window), the rest of the text competes with the visual tokens by
+score within the budget, dynamic heads act as static ones (no room for chunks), and the report
+says by how much the budget was exceeded (``extra["budget_exceeded_tokens"]``).
 
 Memory accounting (why the default pool stays ~10x below the full cache at a 10% budget): a
 head's budget from stage 2 is in *memory slots*. A dynamic head spends its slots on protected
