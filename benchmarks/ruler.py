@@ -33,22 +33,39 @@ def column(row: dict) -> str:
     return f"{row['length'] // 1024}k {protocol}"
 
 
+def column_groups(rows: list[dict]) -> list[tuple[str, set, set]]:
+    """``(label, methods, prompts)`` per table column. Each (length, protocol) compares the methods
+    run on at least half its prompts, over the prompts all of them have (``"4k agnostic"``); methods
+    run on fewer (e.g. a slow peer stopped early) get a sub-column per set of prompts they ran on
+    (``"4k agnostic, 7 prompts"``), with every other method that has all of those."""
+    prompts: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for row in rows:
+        prompts[column(row)][row["method"]].add(row["task"])
+    groups = []
+    for col, of in prompts.items():
+        most = max(len(tasks) for tasks in of.values())
+        partial = {m for m, tasks in of.items() if 2 * len(tasks) < most}
+        main = set(of) - partial
+        groups.append((col, main, set.intersection(*(of[m] for m in main))))
+        for shared in {frozenset(of[m]) for m in partial}:
+            methods = {m for m in of if shared <= of[m]}
+            groups.append((f"{col}, {len(shared)} prompts", methods, set(shared)))
+    return groups
+
+
 def summary(rows: list[dict], budget: float) -> tuple[list[dict], str]:
     """Per method, the mean score x 100 in every (length, protocol) column, overall and per task,
-    over the prompts of that column every method run there has a row for (a run stopped part-way
-    leaves some prompts short; a column may run fewer methods, the others are blank there)."""
+    over the prompts of that column every method compared there has a row for (a run stopped
+    part-way leaves some prompts short; a column may run fewer methods, the others are blank
+    there; methods run on a small part of a column are compared on that part, see
+    :func:`column_groups`)."""
     rows = [r for r in rows if r["method"] == "FullKV" or r["budget"] == budget]
-    methods_of: dict[str, set] = defaultdict(set)
-    for row in rows:
-        methods_of[row["task"]].add(row["method"])
-    everyone: dict[str, set] = defaultdict(set)
-    for row in rows:
-        everyone[column(row)] |= methods_of[row["task"]]
-    rows = [r for r in rows if methods_of[r["task"]] == everyone[column(r)]]
     cells: dict[tuple, list[float]] = defaultdict(list)
-    for row in rows:
-        for kind in ("all", row["kind"]):
-            cells[(row["method"], column(row), kind)].append(row["score"])
+    for col, methods, tasks in column_groups(rows):
+        for row in rows:
+            if row["task"] in tasks and row["method"] in methods:
+                for kind in ("all", row["kind"]):
+                    cells[(row["method"], col, kind)].append(row["score"])
     columns = sorted({c for _, c, _ in cells}, key=lambda c: (int(c.split("k")[0]), c))
     methods = ["FullKV", *sorted({m for m, _, _ in cells} - {"FullKV"})]
     table, sections = [], []
