@@ -35,16 +35,17 @@ def column(row: dict) -> str:
 
 def column_groups(rows: list[dict]) -> list[tuple[str, set, set]]:
     """``(label, methods, prompts)`` per table column. Each (length, protocol) compares the methods
-    run on at least half its prompts, over the prompts all of them have (``"4k agnostic"``); methods
-    run on fewer (e.g. a slow peer stopped early) get a sub-column per set of prompts they ran on
-    (``"4k agnostic, 7 prompts"``), with every other method that has all of those."""
+    run on at least 90% of its prompts, over the prompts all of them have (``"4k agnostic"``: a run
+    stopped part-way leaves a prompt short); methods run on fewer (a slow peer stopped early) get
+    a sub-column per set of prompts they ran on (``"4k agnostic, 7 prompts"``), with every other
+    method that has all of those."""
     prompts: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for row in rows:
         prompts[column(row)][row["method"]].add(row["task"])
     groups = []
     for col, of in prompts.items():
         most = max(len(tasks) for tasks in of.values())
-        partial = {m for m, tasks in of.items() if 2 * len(tasks) < most}
+        partial = {m for m, tasks in of.items() if 10 * len(tasks) < 9 * most}
         main = set(of) - partial
         groups.append((col, main, set.intersection(*(of[m] for m in main))))
         for shared in {frozenset(of[m]) for m in partial}:
@@ -57,7 +58,7 @@ def summary(rows: list[dict], budget: float) -> tuple[list[dict], str]:
     """Per method, the mean score x 100 in every (length, protocol) column, overall and per task,
     over the prompts of that column every method compared there has a row for (a run stopped
     part-way leaves some prompts short; a column may run fewer methods, the others are blank
-    there; methods run on a small part of a column are compared on that part, see
+    there; methods run on part of a column only are compared on that part, see
     :func:`column_groups`)."""
     rows = [r for r in rows if r["method"] == "FullKV" or r["budget"] == budget]
     cells: dict[tuple, list[float]] = defaultdict(list)

@@ -191,9 +191,9 @@ def test_question_after_feeds_the_question_as_the_tail(chars):
 
 
 def test_summary_compares_partial_methods_on_their_own_prompts():
-    """benchmarks/ruler.py: a method run on under half a column's prompts gets a sub-column over
+    """benchmarks/ruler.py: a method run on under 90% of a column's prompts gets a sub-column over
     the prompts it has (beside every other method there), and does not shrink the main column; a
-    method short of one prompt does, so every mean in a column is over the same prompts."""
+    method short of one prompt of ten does, so every mean in a column is over the same prompts."""
     import importlib.util
     from pathlib import Path
 
@@ -206,14 +206,16 @@ def test_summary_compares_partial_methods_on_their_own_prompts():
         return {"task": f"ruler-niah_single-L4096-s{seed}-qafter", "kind": "niah_single", "length": 4096,
                 "method": method, "budget": 1.0 if method == "FullKV" else 0.1, "score": score}
 
-    rows = [row(s, "FullKV", 1.0) for s in range(6)] + [row(s, "A", s / 5) for s in range(6)]
-    rows += [row(s, "B", 1.0) for s in range(5)] + [row(5, "Peer", 0.0)] + [row(s, "Peer2", 1.0) for s in (0, 5)]
+    rows = [row(s, "FullKV", 1.0) for s in range(10)] + [row(s, "A", float(s % 2 == 0)) for s in range(10)]
+    rows += [row(s, "B", 1.0) for s in range(9)] + [row(9, "Peer", 0.0)] + [row(s, "Peer2", 1.0) for s in (0, 9)]
+    rows += [row(s, "Peer3", 1.0) for s in range(8)]
     table, _ = ruler_benchmark.summary(rows, 0.1)
     cell = {(r["method"], r["column"]): (r["score"], r["prompts"]) for r in table}
-    assert cell[("A", "4k agnostic")] == (40.0, 5)  # seeds 0-4: B has no seed 5
-    assert ("Peer", "4k agnostic") not in cell and ("Peer2", "4k agnostic") not in cell
+    assert cell[("A", "4k agnostic")] == (55.6, 9)  # seeds 0-8: B has no seed 9
+    assert not any((peer, "4k agnostic") in cell for peer in ("Peer", "Peer2", "Peer3"))
     assert cell[("Peer", "4k agnostic, 1 prompts")] == (0.0, 1)
-    assert cell[("A", "4k agnostic, 1 prompts")] == (100.0, 1) and cell[("FullKV", "4k agnostic, 1 prompts")] == (100.0, 1)
+    assert cell[("A", "4k agnostic, 1 prompts")] == (0.0, 1) and cell[("FullKV", "4k agnostic, 1 prompts")] == (100.0, 1)
     assert ("B", "4k agnostic, 1 prompts") not in cell and ("Peer2", "4k agnostic, 1 prompts") in cell
     assert cell[("Peer2", "4k agnostic, 2 prompts")] == (100.0, 2) and cell[("A", "4k agnostic, 2 prompts")] == (50.0, 2)
     assert ("Peer", "4k agnostic, 2 prompts") not in cell
+    assert cell[("Peer3", "4k agnostic, 8 prompts")] == (100.0, 8) and cell[("A", "4k agnostic, 8 prompts")] == (50.0, 8)
