@@ -36,13 +36,16 @@ WINDOWED = ("SnapKV", "AdaKV", "PyramidKV", "SparseMM")
 TINY_METHODS = ("StreamingLLM", "H2O", *(f"{m}:window_size=16" for m in WINDOWED), "Quest", "HybridKV", "HybridKV-offline")
 CODER_METHODS = ("StreamingLLM", "H2O", *WINDOWED, "Quest", "HybridKV", "HybridKV-offline")
 VARIANTS = {
-    ("coder-vlm", "answer-after"): ("HybridKV:kernel_size=15",),
+    ("tiny-vlm", "answer-after"): ("HybridKV:kernel_size=7",),
+    ("coder-vlm", "answer-after"): ("HybridKV:kernel_size=7", "HybridKV:visual_kernel_size=15"),
     ("tiny-vlm", "question-after"): ("HybridKV:question_free_prior=attention",),
     ("coder-vlm", "question-after"): ("HybridKV:question_free_prior=attention",),
 }
-"""HybridKV variants run beside the default: the text prior's pooling width tuned on RULER's text needles
-(docs/ruler.md), to see whether it carries over to visual tokens (it pools nothing without a question); and,
-with the images compressed before the question, the window's attention in place of key diversity."""
+"""HybridKV variants run beside the default: text tokens pooled over 7 as visual ones (the default
+before RULER's text needles asked for 15, docs/ruler.md; text competes by score when a budget
+cannot hold it) and visual tokens pooled over 15 (rejected on the validation split,
+docs/choices.md); with the images compressed before the question, the window's attention in
+place of key diversity."""
 BUDGETS = ("0.05", "0.1", "0.2", "0.4")
 
 if __name__ == "__main__":

@@ -78,6 +78,16 @@ def pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return pooled.reshape(shape)
 
 
+def pool_by_modality(scores: torch.Tensor, visual: torch.Tensor, text_kernel: int, visual_kernel: int) -> torch.Tensor:
+    """Average-pool scores (..., L) over ``visual_kernel`` neighbours at visual positions
+    (``visual``: (L,) bool) and over ``text_kernel`` at the others; either window reads its
+    neighbours whatever their modality."""
+    pooled = pool_scores(scores, text_kernel)
+    if visual_kernel == text_kernel or not bool(visual.any()):
+        return pooled
+    return torch.where(visual.to(scores.device), pool_scores(scores, visual_kernel), pooled)
+
+
 def snap_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_size: int, scaling: float) -> torch.Tensor:
     """SnapKV scores: observation-window attention, mean over the window and the query heads of
     a group, average-pooled over neighbours (zero padding, as kvpress does) outside the window.

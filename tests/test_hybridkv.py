@@ -12,6 +12,7 @@ from hybridkv.attention import decode_step
 from hybridkv.cache import ChunkPool, CompressedLayer, ForwardBias, HeadChunks
 from hybridkv.cache.chunk_pool import pick
 from hybridkv.models.tiny import text_inputs, tiny_model, visual_inputs
+from hybridkv.scoring import pool_by_modality, pool_scores
 
 
 # ----------------------------------------------------------------- chunk retrieval
@@ -106,6 +107,50 @@ def test_static_heads_keep_the_top_text_prior_tokens():
             free_scores = scores[h].masked_fill(protected, float("-inf"))
             expected = set(free_scores.topk(n_free).indices.tolist()) | set(positions[protected].tolist())
             assert set(kept[idx][0][h]) == expected
+
+
+def test_static_heads_of_a_text_prompt_pool_the_text_prior_over_kernel_size():
+    """A text prompt (question = last 8 tokens): its context is text, so scores are pooled over
+    ``kernel_size`` (15), and ``visual_kernel_size`` plays no part."""
+    model = get_model("llama")
+    inputs = make_inputs("text")
+    method = HybridKV(0.3, max_dynamic_share=0.0, window=8, sink_tokens=4, visual_kernel_size=3)
+    with method.apply(model, query_tokens=8) as engine:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = kept_positions(engine.layers)
+        spans = engine._history[0][0].spans
+    assert method.kernel_size == 15 and not bool(spans.visual.any())
+    model.config._attn_implementation = "eager"
+    try:
+        attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.config._attn_implementation = "sdpa"
+    length = spans.prompt_len
+    positions = torch.arange(length)
+    protected = (positions < 4) | ~spans.context | (positions >= length - 8)
+    heads, kv_heads = attentions[0].shape[1], model.config.num_key_value_heads
+    for idx in range(len(kept)):
+        prior = attentions[idx][0, :, spans.query_start :].mean(dim=1).view(kv_heads, heads // kv_heads, length).mean(1)
+        scores = torch.stack([torch.stack([prior[h, max(0, i - 7) : i + 8].sum() / 15 for i in range(length)])
+                              for h in range(kv_heads)])  # centred 15-wide mean, zeros outside
+        for h in range(kv_heads):
+            n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
+            expected = set(scores[h].masked_fill(protected, float("-inf")).topk(n_free).indices.tolist())
+            assert set(kept[idx][0][h]) == expected | set(positions[protected].tolist())
+
+
+def test_pool_by_modality_uses_each_positions_own_width():
+    """Visual positions average ``visual_kernel`` neighbours, text positions ``text_kernel``
+    (zeros beyond the ends), against a loop over positions."""
+    scores = torch.rand(2, 40, generator=torch.Generator().manual_seed(0))
+    visual = torch.zeros(40, dtype=torch.bool)
+    visual[10:30] = True
+    pooled = pool_by_modality(scores, visual, 15, 3)
+    for i in range(40):
+        half = 1 if visual[i] else 7
+        expected = scores[:, max(0, i - half) : i + half + 1].sum(-1) / (2 * half + 1)
+        assert torch.allclose(pooled[:, i], expected)
+    assert torch.equal(pool_by_modality(scores, torch.zeros(40, dtype=torch.bool), 15, 3), pool_scores(scores, 15))
 
 
 # ----------------------------------------------------------------- profile

@@ -6,7 +6,8 @@ Stage 1 (:mod:`hybridkv.profile`) types each KV head static or dynamic; stage 2
 
 * **static heads — text-prior pruning**, once per compression: tokens are scored by the
   text-prior queries' attention (mean over those queries and the GQA group, average-pooled
-  over ``kernel_size`` neighbours); the head keeps its protected tokens and the best-scoring
+  over ``kernel_size`` neighbours at text positions and ``visual_kernel_size`` at visual ones:
+  a text fact is a longer run of tokens than a visual cell); the head keeps its protected tokens and the best-scoring
   rest of its budget; everything else is freed.
 * **dynamic heads — chunk-wise retrieval**: the protected tokens are always kept; the rest is
   cut into chunks of ``chunk_size`` tokens with min/max key summaries
@@ -55,7 +56,7 @@ from hybridkv.head_profile import HeadProfile, classify, top_prior
 from hybridkv.methods.base import Method, check_int, check_share
 from hybridkv.methods.registry import register
 from hybridkv.models.architectures import ModelSpec
-from hybridkv.scoring import attention_blocks, key_diversity, mean_attention, pool_scores, top_mask
+from hybridkv.scoring import attention_blocks, key_diversity, mean_attention, pool_by_modality, pool_scores, top_mask
 from hybridkv.spans import PromptSpans
 
 
@@ -115,7 +116,8 @@ class HybridKV(Method):
             to keep every chunk.
         store: where dynamic heads' chunks live: ``"device"`` or ``"host"``.
         sink_tokens / window: leading / trailing tokens every head keeps.
-        kernel_size: pooling width of text-prior scores (odd).
+        kernel_size: pooling width of text-prior scores at text positions (odd).
+        visual_kernel_size: pooling width of text-prior scores at visual positions (odd).
         coverage: share of the pool spread evenly over chunks the text prior did not pick.
         dynamic_weight: stage-2 weight of a dynamic head relative to a static one.
         base_share / layer_share_range: stage-2 parameters (see :func:`hybridkv.budget.allocate`).
@@ -132,7 +134,8 @@ class HybridKV(Method):
     store: str = "device"
     sink_tokens: int = 4
     window: int = 8
-    kernel_size: int = 7
+    kernel_size: int = 15
+    visual_kernel_size: int = 7
     coverage: float = 0.25
     dynamic_weight: float = 1.0
     base_share: float = 0.5
@@ -150,7 +153,7 @@ class HybridKV(Method):
         check_int("chunk_size", self.chunk_size, 1)
         check_int("sink_tokens", self.sink_tokens, 0)
         check_int("window", self.window, 0)
-        for name in ("kernel_size", "diversity_kernel"):
+        for name in ("kernel_size", "visual_kernel_size", "diversity_kernel"):
             check_int(name, getattr(self, name), 1)
             if getattr(self, name) % 2 == 0:
                 raise ValueError(f"{name} must be odd (a centred pooling window), got {getattr(self, name)}.")
@@ -220,12 +223,14 @@ class HybridKV(Method):
         idx = ctx.layer_idx
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
-        kernel = self.kernel_size
         if plan.settings["token_prior"] == "key_diversity":
-            prior, kernel = key_diversity(ctx.keys), self.diversity_kernel
+            prior = key_diversity(ctx.keys)
+            pooled = pool_scores(prior, self.diversity_kernel)
+        else:
+            pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)
         degraded = plan.degraded[idx]
         fixed = (plan.must if degraded else plan.protected).to(device)
-        scores = pool_scores(prior, kernel).masked_fill(fixed, float("inf"))
+        scores = pooled.masked_fill(fixed, float("inf"))
         keep = torch.zeros(ctx.keys.shape[:2], dtype=torch.bool, device=device)
         chunks = []
         for h in range(ctx.keys.shape[0]):
