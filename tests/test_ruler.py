@@ -219,3 +219,24 @@ def test_summary_compares_partial_methods_on_their_own_prompts():
     assert cell[("Peer2", "4k agnostic, 2 prompts")] == (100.0, 2) and cell[("A", "4k agnostic, 2 prompts")] == (50.0, 2)
     assert ("Peer", "4k agnostic, 2 prompts") not in cell
     assert cell[("Peer3", "4k agnostic, 8 prompts")] == (100.0, 8) and cell[("A", "4k agnostic, 8 prompts")] == (50.0, 8)
+
+
+def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
+    """benchmarks/ruler_retention.py: a reference's token run is found in the prompt, and static
+    heads are counted by how much of it (and of the tokens before it) they keep; dynamic heads are
+    left out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ruler_retention.py"
+    spec = importlib.util.spec_from_file_location("ruler_retention", path)
+    retention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retention)
+    assert retention.token_span([5, 1, 2, 3, 1, 2], [1, 2]) == [1, 2]
+    assert retention.token_span([5, 1, 3], [1, 2]) == []
+    span = [20, 21, 22, 23]  # the 12 tokens before it: 8..19
+    kept = [[set(range(0, 30)), {20, 21}], [set(range(14, 24)), set(range(30))]]
+    types = [["static", "static"], ["static", "dynamic"]]
+    out = retention.retention(kept, types, span)
+    assert out == {"static_heads": 3, "heads_keeping_all": 2, "mean_share": round((1 + 0.5 + 1) / 3, 3),
+                   "key_share": round((1 + 0 + 6 / 12) / 3, 3)}

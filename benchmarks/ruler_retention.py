@@ -1,0 +1,100 @@
+"""Which of a RULER prompt's reference strings HybridKV keeps, per KV head: the diagnostic behind
+``docs/ruler.md`` (question-agnostic tuning).
+
+Compresses one RULER prompt (Qwen2.5-Coder-1.5B, bfloat16) with HybridKV and, for each reference
+string (a needle's value, a word), counts the static KV heads whose kept tokens hold all of its
+tokens, the mean share of its tokens they hold, and the share of the 12 tokens before it (the
+needle's key sentence); dynamic heads are counted apart. Writes
+``results/ruler_retention_<task>_s<seed>.{csv,json,png}``.
+
+    python benchmarks/ruler_retention.py --task niah_multivalue --seed 101 [--protocol question-after]
+        [--budget 0.1] [--length 4096] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hybridkv import HybridKV
+from hybridkv.bench import print_table, write_results
+from hybridkv.data.ruler import RULER_TASKS, ruler_tasks
+from hybridkv.harness import split_tail
+from hybridkv.models.loading import load_model
+
+BEFORE = 12
+"""Tokens before a reference counted as its key sentence."""
+
+
+def token_span(ids: list[int], piece: list[int]) -> list[int]:
+    """Positions of the first occurrence of the token sequence ``piece`` in ``ids`` ([] if absent)."""
+    for start in range(len(ids) - len(piece) + 1):
+        if ids[start : start + len(piece)] == piece:
+            return list(range(start, start + len(piece)))
+    return []
+
+
+def retention(kept: list[list[set[int]]], types: list[list[str]], span: list[int]) -> dict:
+    """Over static heads (``kept``: per layer, per KV head, kept positions): how many keep all of
+    ``span``, the mean share of it they keep, and the mean share of the ``BEFORE`` tokens before it."""
+    static = [(layer, head) for layer, row in enumerate(types) for head, kind in enumerate(row) if kind == "static"]
+    before = list(range(max(0, span[0] - BEFORE), span[0]))
+    share = [sum(p in kept[layer][head] for p in span) / len(span) for layer, head in static]
+    key = [sum(p in kept[layer][head] for p in before) / max(1, len(before)) for layer, head in static]
+    return {"static_heads": len(static), "heads_keeping_all": sum(s == 1.0 for s in share),
+            "mean_share": round(sum(share) / max(1, len(share)), 3),
+            "key_share": round(sum(key) / max(1, len(key)), 3)}
+
+
+def plot(rows: list[dict], out: str, title: str) -> None:
+    """Bar chart of each reference's kept share and its key sentence's, to ``<out>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["mean_share"] for r in rows], 0.4, label="reference tokens kept")
+    ax.bar([i + 0.2 for i in x], [r["key_share"] for r in rows], 0.4, label=f"{BEFORE} tokens before")
+    ax.set_xticks(list(x), [r["reference"] for r in rows], rotation=20)
+    ax.set_ylabel("mean share over static heads")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{out}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True, choices=list(RULER_TASKS))
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--protocol", default="question-after", choices=["answer-after", "question-after"])
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("qwen2.5-coder-1.5b", torch.bfloat16)
+    task = ruler_tasks(tokenizer, [args.task], [args.length], [args.seed], protocol=args.protocol)[0]
+    prefix, _ = split_tail(model, task.inputs(), task.tail_tokens)
+    ids = prefix["input_ids"][0].tolist()
+    method = HybridKV(args.budget)
+    with torch.inference_mode(), method.apply(model, query_tokens=task.query_tokens) as engine:
+        model.generate(**prefix, max_new_tokens=1, do_sample=False)
+        kept = [[{p for p in layer.kept_positions[0, h].tolist() if p >= 0} for h in range(layer.kv_heads)]
+                for layer in engine.layers]
+    types = method.report.head_types
+    dynamic = sum(kind == "dynamic" for row in types for kind in row)
+    rows = []
+    for ref in task.references:
+        span = token_span(ids, tokenizer(ref, add_special_tokens=False)["input_ids"])
+        if not span:
+            raise SystemExit(f"reference {ref!r} is not a token run of the prompt; this diagnostic needs one.")
+        rows.append({"reference": ref, "position": span[0], "tokens": len(span), "dynamic_heads": dynamic,
+                     **retention(kept, types, span)})
+    out = f"results/ruler_retention_{args.task}_s{args.seed}"
+    write_results(rows, out, {"benchmark": "ruler_retention", "task": task.key, "budget": args.budget})
+    print_table(rows, list(rows[0]))
+    plot(rows, out, f"HybridKV@{args.budget}: {task.key}")
