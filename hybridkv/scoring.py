@@ -104,17 +104,31 @@ def snap_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, kernel_s
     return torch.cat([scores, scores.new_full((scores.shape[0], window), float("inf"))], dim=1)
 
 
-def key_diversity(keys: torch.Tensor) -> torch.Tensor:
-    """(Hkv, L) float32 distinctiveness of each key: minus its cosine similarity to the head's
-    mean unit key (KeyDiff, Park et al., 2025). Keys that repeat the prompt's common pattern
-    (background patches, filler) score low; rare content scores high. Needs no query.
+def key_diversity(keys: torch.Tensor, anchor_width: int | None = None) -> torch.Tensor:
+    """(Hkv, L) float32 distinctiveness of each key: minus its cosine similarity to an anchor,
+    the mean unit key of the head (KeyDiff, Park et al., 2025). Keys that repeat the prompt's
+    common pattern (background patches, filler) score low; rare content scores high. Needs no
+    query.
+
+    ``anchor_width=None`` anchors every key to the whole prompt's mean, as KeyDiff does. After
+    RoPE that mean leans toward the phases of no particular position, so keys in the middle of a
+    long prompt look more like it than keys at its ends whatever their content; an int anchors
+    each key to the mean of the ``anchor_width`` keys centred on it (shifted inward at the
+    prompt's edges), which compares a key only with its neighbourhood's phases.
 
     Args:
         keys: (Hkv, L, D) after RoPE.
+        anchor_width: keys per local anchor (>= 1), or None for one anchor per head.
     """
     unit = F.normalize(keys.float(), dim=-1)
-    anchor = F.normalize(unit.mean(dim=1, keepdim=True), dim=-1)  # (Hkv, 1, D)
-    return -(unit * anchor).sum(-1)
+    length = unit.shape[1]
+    if anchor_width is None or anchor_width >= length:
+        anchor = unit.mean(dim=1, keepdim=True)  # (Hkv, 1, D)
+    else:
+        sums = F.pad(unit.double().cumsum(dim=1), (0, 0, 1, 0))  # (Hkv, L + 1, D) prefix sums
+        low = (torch.arange(length, device=unit.device) - anchor_width // 2).clamp(0, length - anchor_width)
+        anchor = (sums[:, low + anchor_width] - sums[:, low]).float()  # (Hkv, L, D) window sums
+    return -(unit * F.normalize(anchor, dim=-1)).sum(-1)
 
 
 def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

@@ -281,13 +281,16 @@ def test_budget_between_must_and_all_text_prunes_the_other_text_by_score():
     assert all(set(range(4)) | set(range(length - 6, length)) <= set(head) for layer in kept for head in layer[0])
 
 
-def test_a_prompt_without_question_scores_tokens_by_key_diversity():
+@pytest.mark.parametrize("anchor", [None, 24])
+def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor):
     """Images compressed before the question: no text prior, so static heads keep their
-    protected tokens and the keys least like their head's mean key (pooled over
-    ``diversity_kernel``, not the text prior's ``kernel_size``)."""
+    protected tokens and the keys least like their head's mean key, of the whole prompt or of
+    the ``diversity_anchor`` keys around each (pooled over ``diversity_kernel``, not the text
+    prior's ``kernel_size``)."""
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # ends with <vision_end>
-    method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4)
+    method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4,
+                      diversity_anchor=anchor)
     with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         kept = kept_positions(engine.layers)
@@ -303,8 +306,10 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity():
         keys = cache.layers[idx].keys[0].float()  # (Hkv, L, D) after RoPE, as the engine sees them
         for h in range(2):
             unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
-            mean = unit.mean(dim=0)
-            diversity = -(unit @ mean) / mean.norm()
+            width = length if anchor is None else anchor
+            lows = [min(max(0, i - width // 2), length - width) for i in range(length)]
+            means = torch.stack([unit[low : low + width].mean(dim=0) for low in lows])  # (L, D)
+            diversity = -(unit * means).sum(-1) / means.norm(dim=-1)
             scores = F.avg_pool1d(diversity[None, None], 5, stride=1, padding=2)[0, 0]
             n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
             expected = set(scores.masked_fill(protected, float("-inf")).topk(n_free).indices.tolist())
@@ -341,3 +346,5 @@ def test_question_free_prior_is_checked():
         HybridKV(0.1, question_free_prior="keys")
     with pytest.raises(ValueError, match="diversity_kernel must be odd"):
         HybridKV(0.1, diversity_kernel=4)
+    with pytest.raises(ValueError, match="diversity_anchor must be an int >= 1"):
+        HybridKV(0.1, diversity_anchor=0)

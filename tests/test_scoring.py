@@ -3,7 +3,7 @@ its byte bound (a long question never materialises (Hq, question, prompt) probab
 
 import torch
 
-from hybridkv.scoring import attention_blocks, column_sums, mean_attention, snap_scores
+from hybridkv.scoring import attention_blocks, column_sums, key_diversity, mean_attention, snap_scores
 
 
 def full_attention(queries, keys, scaling):
@@ -42,3 +42,26 @@ def test_snap_scores_keep_the_window_first():
     queries, keys = inputs(seed=2, lq=90)
     scores = snap_scores(queries, keys, 8, 5, 0.3)
     assert torch.isinf(scores[:, -8:]).all() and torch.isfinite(scores[:, :-8]).all()
+
+
+def cosine_to_window_mean(keys, width):
+    """(Hkv, L) minus each key's cosine to the mean unit key of the ``width`` keys centred on it
+    (the window shifted to stay inside the prompt), one position at a time in float64."""
+    unit = keys.double() / keys.double().norm(dim=-1, keepdim=True)
+    length = keys.shape[1]
+    out = torch.empty(keys.shape[:2], dtype=torch.float64)
+    for i in range(length):
+        low = min(max(0, i - width // 2), max(0, length - width))
+        mean = unit[:, low : low + width].mean(dim=1)
+        out[:, i] = -(unit[:, i] * mean).sum(-1) / mean.norm(dim=-1)
+    return out
+
+
+def test_key_diversity_against_a_local_anchor_matches_a_per_position_reference():
+    keys = inputs(seed=3)[1] + torch.linspace(0, 3, 90)[None, :, None]  # keys drift with position
+    for width in (1, 8, 31, 89):
+        assert torch.allclose(key_diversity(keys, width).double(), cosine_to_window_mean(keys, width), atol=1e-5)
+    whole = cosine_to_window_mean(keys, 90)
+    assert torch.allclose(key_diversity(keys).double(), whole, atol=1e-5)
+    assert torch.allclose(key_diversity(keys, 500).double(), whole, atol=1e-5)
+    assert not torch.allclose(key_diversity(keys, 8).double(), whole, atol=1e-2)

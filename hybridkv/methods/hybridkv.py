@@ -18,7 +18,8 @@ Prompts without a question (``query_tokens=0``, or a multimodal prompt that ends
 images, compressed before the question arrives: ``PromptSpans.query_source == "none"``) have no
 text prior and no question span to protect. There the token scores of both head types come
 from ``question_free_prior``: ``"key_diversity"`` (default) keeps the keys least like the head's
-mean key (:func:`hybridkv.scoring.key_diversity`, pooled over ``diversity_kernel`` neighbours),
+mean key (:func:`hybridkv.scoring.key_diversity`: the mean of the ``diversity_anchor`` keys
+around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours),
 ``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
 come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
@@ -126,6 +127,8 @@ class HybridKV(Method):
         question_free_prior: token scores of a prompt that holds no question:
             ``"key_diversity"`` or ``"attention"`` (see the module docstring).
         diversity_kernel: pooling width of key-diversity scores (odd).
+        diversity_anchor: keys whose mean a key's diversity is measured against (a window
+            centred on it), or None for the whole prompt's mean.
     """
 
     profile: HeadProfile | None = None
@@ -145,6 +148,7 @@ class HybridKV(Method):
     max_dynamic_share: float = 0.5
     question_free_prior: str = "key_diversity"
     diversity_kernel: int = 3
+    diversity_anchor: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +161,8 @@ class HybridKV(Method):
             check_int(name, getattr(self, name), 1)
             if getattr(self, name) % 2 == 0:
                 raise ValueError(f"{name} must be odd (a centred pooling window), got {getattr(self, name)}.")
+        if self.diversity_anchor is not None:
+            check_int("diversity_anchor", self.diversity_anchor, 1)
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, (int, float))
                                       or self.pool < 1.0):
             raise ValueError(f"pool must be a number >= 1.0 (pool size / attended chunks) or None, got {self.pool!r}.")
@@ -224,7 +230,7 @@ class HybridKV(Method):
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
         if plan.settings["token_prior"] == "key_diversity":
-            prior = key_diversity(ctx.keys)
+            prior = key_diversity(ctx.keys, self.diversity_anchor)
             pooled = pool_scores(prior, self.diversity_kernel)
         else:
             pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)
