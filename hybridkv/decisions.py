@@ -32,6 +32,10 @@ class LayerContext:
             (:meth:`hybridkv.engine.Engine.cache_from_prefill`), a dict shared by all of them where a
             method may keep scores that depend on the prefill alone (not on its budget or options);
             None otherwise.
+        rotation: ((S, D), (S, D)) the RoPE ``cos``/``sin`` each segment key was rotated by
+            (:mod:`hybridkv.rope`), when the segment is the forward's own tokens (a prompt) and
+            the model uses ``rotate_half`` RoPE; None otherwise (e.g. a later turn, whose
+            segment also holds decoded tokens).
     """
 
     layer_idx: int
@@ -43,6 +47,7 @@ class LayerContext:
     spans: PromptSpans
     tokens_per_head: int
     memo: dict | None = None
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -35,6 +35,7 @@ from hybridkv.cache.chunk_pool import IN_ROW_SLACK
 from hybridkv.decisions import LayerContext, Plan
 from hybridkv.models.architectures import attention_modules, model_spec, text_config
 from hybridkv.report import CacheReport
+from hybridkv.rope import token_rotation
 from hybridkv.spans import PromptSpans, find_spans
 
 if TYPE_CHECKING:  # the methods import the engine (Method.apply), not the other way round
@@ -279,10 +280,15 @@ class Engine:
         keep = torch.zeros(seg_keys.shape[:3], dtype=torch.bool, device=seg_keys.device)
         chunks: list[list[HeadChunks]] = []
         store, observer = "device", None
+        rotation = None
+        if layer.rotation is not None and seg_keys.shape[2] == query.shape[2]:  # the segment is this forward
+            rotation = token_rotation(*layer.rotation, self.spec.mrope_section)  # (B or 1, S, D) each
+        layer.rotation = None
         for b, row in enumerate(self._segments):
             keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
+            turn = None if rotation is None else tuple(t[b if t.shape[0] > 1 else 0][row.columns] for t in rotation)
             ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
-                               row.tokens_per_head, memo)
+                               row.tokens_per_head, memo, turn)
             decision = self.method.compress(ctx, row.plan)
             keep[b][:, row.columns] = decision.keep
             columns = torch.arange(seg_keys.shape[2], device=keys.device)[row.columns]
@@ -328,8 +334,9 @@ class Engine:
         ids = capture.input_ids
         self._begin_prompt(cache, ids)
         self._begin_forward(ids, None, 1, ids.shape[1])
+        rope = None if capture.rotation is None else {"cos": capture.rotation[0][None], "sin": capture.rotation[1][None]}
         for idx, (queries, keys, values) in enumerate(capture.layers):
-            self.layers[idx].update(keys[None], values[None])
+            self.layers[idx].update(keys[None], values[None], rope)
             self.compress_layer(idx, queries[None], capture.scaling, capture.memo)
         self._segments = None
         return cache

@@ -41,6 +41,8 @@ class PrefillCapture:
         rope_deltas: Qwen-VL's M-RoPE offset the prefill left on the model (None for text
             models); :func:`decode` puts it back, since another prompt's prefill overwrites it.
         tail: (T,) prompt ids fed after compression, or None (then ``input_ids`` is the whole prompt).
+        rotation: ((L, D), (L, D)) the prompt keys' RoPE ``cos``/``sin``
+            (:attr:`hybridkv.decisions.LayerContext.rotation`), or None.
         memo: scores that depend on this prefill alone, kept by the methods that compress it
             (:attr:`hybridkv.decisions.LayerContext.memo`), so e.g. H2O's whole-matrix column sums
             are computed once for every budget.
@@ -53,6 +55,7 @@ class PrefillCapture:
     last_logits: torch.Tensor
     rope_deltas: torch.Tensor | None = None
     tail: torch.Tensor | None = None
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None
     memo: dict = field(default_factory=dict, repr=False)
 
 
@@ -63,10 +66,12 @@ class _Capture(Method):
     budget: float = 1.0
     layers: list = field(default_factory=list, repr=False)
     scaling: list = field(default_factory=list, repr=False)
+    rotation: tuple | None = field(default=None, repr=False)
 
     def compress(self, ctx: LayerContext, plan: Plan) -> Decision:
         self.layers.append((ctx.queries, ctx.keys, ctx.values))
         self.scaling.append(ctx.scaling)
+        self.rotation = ctx.rotation
         return Decision(torch.ones(ctx.keys.shape[:2], dtype=torch.bool, device=ctx.keys.device))
 
 
@@ -84,7 +89,7 @@ def capture_prefill(model: torch.nn.Module, inputs: dict, query_tokens: int | No
     with torch.inference_mode(), capture.apply(model, query_tokens=query_tokens):
         out = model(**prefix, past_key_values=DynamicCache(), use_cache=True)
     return PrefillCapture(prefix["input_ids"], query_tokens, capture.layers, capture.scaling[0],
-                          out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None), tail)
+                          out.logits[0, -1].float(), getattr(model.model, "rope_deltas", None), tail, capture.rotation)
 
 
 def split_tail(model: torch.nn.Module, inputs: dict, tail_tokens: int) -> tuple[dict, torch.Tensor | None]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import get_model, kept_positions, make_inputs, run_under
+from test_rope import keys_before_rope
 
 from hybridkv import HeadProfile, HybridKV, ProfileMismatchError, profile_heads
 from hybridkv.attention import decode_step
@@ -281,16 +282,17 @@ def test_budget_between_must_and_all_text_prunes_the_other_text_by_score():
     assert all(set(range(4)) | set(range(length - 6, length)) <= set(head) for layer in kept for head in layer[0])
 
 
-@pytest.mark.parametrize("anchor", [None, 24])
-def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor):
+@pytest.mark.parametrize("anchor,derotate", [(None, False), (24, False), (None, True)])
+def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, derotate):
     """Images compressed before the question: no text prior, so static heads keep their
     protected tokens and the keys least like their head's mean key, of the whole prompt or of
     the ``diversity_anchor`` keys around each (pooled over ``diversity_kernel``, not the text
-    prior's ``kernel_size``)."""
+    prior's ``kernel_size``); with ``derotate_keys``, of the keys before RoPE (read here from
+    the key projections)."""
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # ends with <vision_end>
     method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4,
-                      diversity_anchor=anchor)
+                      diversity_anchor=anchor, derotate_keys=derotate)
     with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         kept = kept_positions(engine.layers)
@@ -298,12 +300,13 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor):
     assert spans.query_source == "none" and method.report.extra["token_prior"] == "key_diversity"
     assert method.report.extra["degraded_layers"] == 0
     with torch.no_grad():
+        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True))
         cache = model(**inputs, use_cache=True).past_key_values
     length = spans.prompt_len
     positions = torch.arange(length)
     protected = (positions < 4) | ~spans.context | (positions >= length - 8)  # no question span to keep
     for idx in range(len(kept)):
-        keys = cache.layers[idx].keys[0].float()  # (Hkv, L, D) after RoPE, as the engine sees them
+        keys = before[idx][0] if derotate else cache.layers[idx].keys[0].float()  # (Hkv, L, D)
         for h in range(2):
             unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
             width = length if anchor is None else anchor
@@ -348,3 +351,5 @@ def test_question_free_prior_is_checked():
         HybridKV(0.1, diversity_kernel=4)
     with pytest.raises(ValueError, match="diversity_anchor must be an int >= 1"):
         HybridKV(0.1, diversity_anchor=0)
+    with pytest.raises(ValueError, match="derotate_keys must be True or False"):
+        HybridKV(0.1, derotate_keys="yes")

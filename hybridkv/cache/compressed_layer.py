@@ -89,6 +89,8 @@ class CompressedLayer(CacheLayerMixin):
         observer: optional callable ``observer(query, layer)`` run before every later
             attention of the layer (head profiling reads decode-time attention through it).
         detached: set when the prompt or the ``with`` block ended: the layer refuses updates.
+        rotation: the ``cos``/``sin`` the model passed with the latest update (its tokens'
+            RoPE, as :func:`hybridkv.rope.token_rotation` reads them), or None.
     """
 
     is_sliding = False
@@ -103,6 +105,7 @@ class CompressedLayer(CacheLayerMixin):
         self.retriever: Any = None
         self.observer: Any = None
         self.detached = False
+        self.rotation: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -129,6 +132,8 @@ class CompressedLayer(CacheLayerMixin):
                                "(or its prompt) has ended; start a new cache for plain generation.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        kwargs = cache_kwargs or {}
+        self.rotation = (kwargs["cos"], kwargs["sin"]) if "cos" in kwargs and "sin" in kwargs else None
         end = self.stored + key_states.shape[-2]
         if end > self.keys.shape[-2]:
             self._grow(end)

@@ -19,7 +19,8 @@ images, compressed before the question arrives: ``PromptSpans.query_source == "n
 text prior and no question span to protect. There the token scores of both head types come
 from ``question_free_prior``: ``"key_diversity"`` (default) keeps the keys least like the head's
 mean key (:func:`hybridkv.scoring.key_diversity`: the mean of the ``diversity_anchor`` keys
-around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours),
+around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours; with
+``derotate_keys``, of the keys rotated back to position zero, :mod:`hybridkv.rope`),
 ``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
 come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
@@ -57,6 +58,7 @@ from hybridkv.head_profile import HeadProfile, classify, top_prior
 from hybridkv.methods.base import Method, check_int, check_share
 from hybridkv.methods.registry import register
 from hybridkv.models.architectures import ModelSpec
+from hybridkv.rope import derotate
 from hybridkv.scoring import attention_blocks, key_diversity, mean_attention, pool_by_modality, pool_scores, top_mask
 from hybridkv.spans import PromptSpans
 
@@ -129,6 +131,9 @@ class HybridKV(Method):
         diversity_kernel: pooling width of key-diversity scores (odd).
         diversity_anchor: keys whose mean a key's diversity is measured against (a window
             centred on it), or None for the whole prompt's mean.
+        derotate_keys: rank key diversity on the keys with their RoPE undone
+            (:attr:`~hybridkv.decisions.LayerContext.rotation`; where the rotation is unknown, e.g.
+            a later turn's segment, on the cached keys).
     """
 
     profile: HeadProfile | None = None
@@ -149,6 +154,7 @@ class HybridKV(Method):
     question_free_prior: str = "key_diversity"
     diversity_kernel: int = 3
     diversity_anchor: int | None = None
+    derotate_keys: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +169,8 @@ class HybridKV(Method):
                 raise ValueError(f"{name} must be odd (a centred pooling window), got {getattr(self, name)}.")
         if self.diversity_anchor is not None:
             check_int("diversity_anchor", self.diversity_anchor, 1)
+        if not isinstance(self.derotate_keys, bool):
+            raise ValueError(f"derotate_keys must be True or False, got {self.derotate_keys!r}.")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, (int, float))
                                       or self.pool < 1.0):
             raise ValueError(f"pool must be a number >= 1.0 (pool size / attended chunks) or None, got {self.pool!r}.")
@@ -230,7 +238,8 @@ class HybridKV(Method):
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
         if plan.settings["token_prior"] == "key_diversity":
-            prior = key_diversity(ctx.keys, self.diversity_anchor)
+            keys = ctx.keys if not self.derotate_keys or ctx.rotation is None else derotate(ctx.keys, *ctx.rotation)
+            prior = key_diversity(keys, self.diversity_anchor)
             pooled = pool_scores(prior, self.diversity_kernel)
         else:
             pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)

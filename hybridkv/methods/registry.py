@@ -34,14 +34,14 @@ def needs_profile(name: str) -> bool:
 
 
 def parse_options(text: str) -> dict:
-    """``"pool=4,store=host"`` -> ``{"pool": 4, "store": "host"}`` (ints, floats and None parsed)."""
+    """``"pool=4,store=host"`` -> ``{"pool": 4, "store": "host"}`` (ints, floats, True/False and None parsed)."""
     options = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"method option {item!r} is not key=value (e.g. HybridKV:pool=4,store=host).")
-        if value == "None":
-            options[key] = None
+        if value in ("None", "True", "False"):
+            options[key] = {"None": None, "True": True, "False": False}[value]
             continue
         for cast in (int, float):
             try:

@@ -38,6 +38,8 @@ class ModelSpec:
         num_layers / num_heads / num_kv_heads / head_dim: the text decoder's attention shape.
         visual_token_ids: ids of image/video placeholder tokens (empty for text models).
         turn_end_ids: ids that end a chat turn (the generation config's eos ids).
+        mrope_section: channel pairs per (time, row, column) axis of multimodal RoPE, from the
+            config's ``rope_parameters`` (empty for 1-D RoPE).
     """
 
     model_type: str
@@ -47,6 +49,7 @@ class ModelSpec:
     head_dim: int
     visual_token_ids: tuple[int, ...]
     turn_end_ids: tuple[int, ...]
+    mrope_section: tuple[int, ...] = ()
 
     @property
     def is_multimodal(self) -> bool:
@@ -89,6 +92,7 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = eos if eos is not None else getattr(text, "eos_token_id", None)
     turn_end = tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None)
+    rope = getattr(text, "rope_parameters", None) or {}
     return ModelSpec(
         model_type=model_type,
         num_layers=text.num_hidden_layers,
@@ -97,6 +101,7 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
         head_dim=head_dim,
         visual_token_ids=visual,
         turn_end_ids=turn_end,
+        mrope_section=tuple(int(n) for n in rope.get("mrope_section", ())),
     )
 
 
