@@ -112,6 +112,7 @@ class Engine:
         self.prefill_mask: torch.Tensor | None = None
         self.forward_bias = ForwardBias()
         self._segments: list[RowSegment] | None = None  # the current forward's compression, if any
+        self._rotation_source, self._rotations = None, []  # the forward's cos tensor and its rows' rotations
         self._history: list[list[RowSegment]] = []  # every compression of the prompt
         self._frozen: CacheReport | None = None
         self._hook = None
@@ -208,6 +209,7 @@ class Engine:
         first = self.layers[0]
         fresh = first.seen == 0
         self._segments, self.prefill_mask = None, None
+        self._rotation_source, self._rotations = None, []
         if not fresh and q_len == 1:
             return
         if fresh and mask is not None and not bool(mask.all()):
@@ -280,15 +282,11 @@ class Engine:
         keep = torch.zeros(seg_keys.shape[:3], dtype=torch.bool, device=seg_keys.device)
         chunks: list[list[HeadChunks]] = []
         store, observer = "device", None
-        rotation = None
-        if layer.rotation is not None and seg_keys.shape[2] == query.shape[2]:  # the segment is this forward
-            rotation = token_rotation(*layer.rotation, self.spec.mrope_section)  # (B or 1, S, D) each
-        layer.rotation = None
+        rotations = self._row_rotations(layer, seg_keys.shape[2] == query.shape[2])
         for b, row in enumerate(self._segments):
             keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
-            turn = None if rotation is None else tuple(t[b if t.shape[0] > 1 else 0][row.columns] for t in rotation)
             ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
-                               row.tokens_per_head, memo, turn)
+                               row.tokens_per_head, memo, rotations[b])
             decision = self.method.compress(ctx, row.plan)
             keep[b][:, row.columns] = decision.keep
             columns = torch.arange(seg_keys.shape[2], device=keys.device)[row.columns]
@@ -321,6 +319,22 @@ class Engine:
             if in_row is not None:
                 layer.kept_attended += layer.retriever.attended_tokens()
         layer.observer = observer
+
+    def _row_rotations(self, layer: CompressedLayer, whole: bool) -> list:
+        """Per sequence, the ((S, D), (S, D)) RoPE rotation of its segment keys, or None each
+        (:attr:`LayerContext.rotation`). ``whole``: the segment is this forward's tokens. Every
+        layer of a forward gets the same ``cos``/``sin`` tensors from the model, so the rows are
+        read once per forward (again only where a layer's tensors differ, e.g. on another device)."""
+        source, layer.rotation = layer.rotation, None
+        if source is None or not whole:
+            return [None] * len(self._segments)
+        if self._rotation_source is not source[0]:
+            rotation = token_rotation(*source, self.spec.mrope_section)  # (B or 1, S, D) each
+            self._rotations = [None if rotation is None else
+                               tuple(t[b if t.shape[0] > 1 else 0][row.columns] for t in rotation)
+                               for b, row in enumerate(self._segments)]
+            self._rotation_source = source[0]
+        return self._rotations
 
     def cache_from_prefill(self, capture) -> DynamicCache:
         """A cache for the captured prompt, compressed by this engine's method layer by layer,

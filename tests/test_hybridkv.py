@@ -300,7 +300,7 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, derota
     assert spans.query_source == "none" and method.report.extra["token_prior"] == "key_diversity"
     assert method.report.extra["degraded_layers"] == 0
     with torch.no_grad():
-        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True))
+        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True)) if derotate else None
         cache = model(**inputs, use_cache=True).past_key_values
     length = spans.prompt_len
     positions = torch.arange(length)
