@@ -22,9 +22,10 @@ from hybridkv.evaluation import METHODS
 MODEL = "qwen2.5-coder-1.5b"
 OUT = f"results/ruler_{MODEL}"
 PEERS = ("kvpress:StreamingLLM", "kvpress:ObservedAttention", "kvpress:SnapKV", "kvpress:PyramidKV", "kvpress:AdaKV")
-VARIANTS = ("HybridKV:kernel_size=7",)
-"""HybridKV with text pooled over 7 tokens, the default before RULER's tuning seeds 100-102 chose 15
-(docs/ruler.md, Tuning), run beside the default configuration."""
+VARIANTS = {"answer-after": ("HybridKV:kernel_size=7",), "question-after": ("HybridKV:derotate_share=0.5",)}
+"""Configurations run beside the defaults, per protocol: with the question, HybridKV with text pooled
+over 7 tokens, the default before RULER's tuning seeds 100-102 chose 15; without it, the union of
+key-diversity rankings before and after RoPE, which won on the tuning seeds 100-105 (docs/ruler.md)."""
 
 
 def column(row: dict) -> str:
@@ -127,7 +128,8 @@ if __name__ == "__main__":
     parser.add_argument("--protocols", nargs="+", default=["answer-after", "question-after"])
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2", "3", "4"])
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="other configurations run beside the methods")
+    parser.add_argument("--variants", nargs="*", help="other configurations run beside the methods "
+                        "(default: VARIANTS of the protocol)")
     parser.add_argument("--threads", default="1")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
@@ -137,5 +139,5 @@ if __name__ == "__main__":
                 main(["--threads", args.threads, "eval", "--model", MODEL, "--dtype", "bfloat16", "--task", "ruler",
                       "--lengths", length, "--seeds", *args.seeds, "--budgets", "0.1", "--protocol", protocol,
                       "--profile", f"results/profiles/{MODEL}.json", "--peers", *args.peers, "--out", OUT,
-                      "--methods", *METHODS, *args.variants])
+                      "--methods", *METHODS, *(VARIANTS[protocol] if args.variants is None else args.variants)])
     write_summary()

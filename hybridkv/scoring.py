@@ -131,6 +131,25 @@ def key_diversity(keys: torch.Tensor, anchor_width: int | None = None) -> torch.
     return -(unit * F.normalize(anchor, dim=-1)).sum(-1)
 
 
+def union_ranking(first: torch.Tensor, second: torch.Tensor, share: float) -> torch.Tensor:
+    """(H, L) scores whose ``k`` best are, for every ``k``, the union of ``first``'s best
+    ``(1 - share)`` share and ``second``'s best ``share`` share of a ``t >= k`` (each row's top
+    ``k`` under :func:`top_mask` holds at least ``(1 - share) k`` of ``first``'s top and
+    ``share k`` of ``second``'s).
+
+    Args:
+        first / second: (H, L) scores, higher is better.
+        share: in (0, 1), the weight of ``second``.
+    """
+    def place(scores: torch.Tensor) -> torch.Tensor:  # (H, L) float rank, 0 = best
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+        return ranks.float()
+
+    return -torch.minimum(place(first) / (1.0 - share), place(second) / share)
+
+
 def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """(Hkv, L) bool mask of each row's ``k`` highest scores (ties broken by position).
 

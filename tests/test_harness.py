@@ -17,7 +17,7 @@ def all_methods():
     extra = [getattr(methods, name)(0.3) for name in ("H2O", "PyramidKV", "Quest") if hasattr(methods, name)]
     return [FullKV(), StreamingLLM(0.3), SnapKV(0.3, window_size=8), AdaKV(0.3, window_size=8),
             HybridKV(0.5, chunk_size=4, window=4, threshold=1.1),
-            HybridKV(0.5, chunk_size=4, window=4, threshold=1.1, derotate_keys=True)] + extra
+            HybridKV(0.5, chunk_size=4, window=4, threshold=1.1, derotate_share=0.5)] + extra
 
 
 @pytest.mark.parametrize("model_type,kind,query", [("llama", "text", 12), ("qwen2", "text", None), ("qwen2", "text", 0)])

@@ -282,17 +282,17 @@ def test_budget_between_must_and_all_text_prunes_the_other_text_by_score():
     assert all(set(range(4)) | set(range(length - 6, length)) <= set(head) for layer in kept for head in layer[0])
 
 
-@pytest.mark.parametrize("anchor,derotate", [(None, False), (24, False), (None, True)])
-def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, derotate):
+@pytest.mark.parametrize("anchor,share", [(None, 0.0), (24, 0.0), (None, 1.0), (None, 0.5)])
+def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, share):
     """Images compressed before the question: no text prior, so static heads keep their
     protected tokens and the keys least like their head's mean key, of the whole prompt or of
     the ``diversity_anchor`` keys around each (pooled over ``diversity_kernel``, not the text
-    prior's ``kernel_size``); with ``derotate_keys``, of the keys before RoPE (read here from
-    the key projections)."""
+    prior's ``kernel_size``): ranked on the cached keys, on the keys before RoPE (read here from
+    the key projections) or, with ``derotate_share`` 0.5, at least the best half of each."""
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # ends with <vision_end>
     method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4,
-                      diversity_anchor=anchor, derotate_keys=derotate)
+                      diversity_anchor=anchor, derotate_share=share)
     with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         kept = kept_positions(engine.layers)
@@ -300,23 +300,29 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, derota
     assert spans.query_source == "none" and method.report.extra["token_prior"] == "key_diversity"
     assert method.report.extra["degraded_layers"] == 0
     with torch.no_grad():
-        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True)) if derotate else None
+        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True)) if share else None
         cache = model(**inputs, use_cache=True).past_key_values
     length = spans.prompt_len
     positions = torch.arange(length)
     protected = (positions < 4) | ~spans.context | (positions >= length - 8)  # no question span to keep
     for idx in range(len(kept)):
-        keys = before[idx][0] if derotate else cache.layers[idx].keys[0].float()  # (Hkv, L, D)
+        rankings = {0.0: [cache.layers[idx].keys[0].float()], 1.0: [before[idx][0]] if share else []}
+        rankings[0.5] = rankings[0.0] + rankings[1.0]
         for h in range(2):
-            unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
-            width = length if anchor is None else anchor
-            lows = [min(max(0, i - width // 2), length - width) for i in range(length)]
-            means = torch.stack([unit[low : low + width].mean(dim=0) for low in lows])  # (L, D)
-            diversity = -(unit * means).sum(-1) / means.norm(dim=-1)
-            scores = F.avg_pool1d(diversity[None, None], 5, stride=1, padding=2)[0, 0]
             n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
-            expected = set(scores.masked_fill(protected, float("-inf")).topk(n_free).indices.tolist())
-            assert set(kept[idx][0][h]) == expected | set(positions[protected].tolist())
+            tops = []
+            for keys in rankings[share]:  # (Hkv, L, D) each
+                unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
+                width = length if anchor is None else anchor
+                lows = [min(max(0, i - width // 2), length - width) for i in range(length)]
+                means = torch.stack([unit[low : low + width].mean(dim=0) for low in lows])  # (L, D)
+                diversity = -(unit * means).sum(-1) / means.norm(dim=-1)
+                scores = F.avg_pool1d(diversity[None, None], 5, stride=1, padding=2)[0, 0].masked_fill(
+                    protected, float("-inf"))
+                tops.append(set(scores.topk(n_free if share in (0.0, 1.0) else n_free // 2).indices.tolist()))
+            heads = set(kept[idx][0][h])
+            assert len(heads) == n_free + int(protected.sum()) and set(positions[protected].tolist()) <= heads
+            assert set().union(*tops) <= heads
 
 
 def test_a_prompt_without_question_at_a_small_budget_keeps_only_sinks_and_window_for_sure():
@@ -351,5 +357,5 @@ def test_question_free_prior_is_checked():
         HybridKV(0.1, diversity_kernel=4)
     with pytest.raises(ValueError, match="diversity_anchor must be an int >= 1"):
         HybridKV(0.1, diversity_anchor=0)
-    with pytest.raises(ValueError, match="derotate_keys must be True or False"):
-        HybridKV(0.1, derotate_keys="yes")
+    with pytest.raises(ValueError, match=r"derotate_share must be a number in \[0, 1\]"):
+        HybridKV(0.1, derotate_share=1.5)

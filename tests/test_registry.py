@@ -84,6 +84,6 @@ def test_a_registered_method_is_found_by_name_with_its_parameters():
 def test_method_options_parse_numbers_booleans_and_none():
     from hybridkv.methods.registry import parse_options
 
-    assert parse_options("pool=4,coverage=0.5,derotate_keys=True,diversity_anchor=None,store=host,x=False") == {
-        "pool": 4, "coverage": 0.5, "derotate_keys": True, "diversity_anchor": None, "store": "host", "x": False}
-    assert make_method("HybridKV:derotate_keys=True", 0.1).derotate_keys is True
+    assert parse_options("pool=4,coverage=0.5,flag=True,diversity_anchor=None,store=host,x=False") == {
+        "pool": 4, "coverage": 0.5, "flag": True, "diversity_anchor": None, "store": "host", "x": False}
+    assert make_method("HybridKV:derotate_share=0.5", 0.1).derotate_share == 0.5

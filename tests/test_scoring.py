@@ -3,7 +3,15 @@ its byte bound (a long question never materialises (Hq, question, prompt) probab
 
 import torch
 
-from hybridkv.scoring import attention_blocks, column_sums, key_diversity, mean_attention, snap_scores
+from hybridkv.scoring import (
+    attention_blocks,
+    column_sums,
+    key_diversity,
+    mean_attention,
+    snap_scores,
+    top_mask,
+    union_ranking,
+)
 
 
 def full_attention(queries, keys, scaling):
@@ -65,3 +73,19 @@ def test_key_diversity_against_a_local_anchor_matches_a_per_position_reference()
     assert torch.allclose(key_diversity(keys).double(), whole, atol=1e-5)
     assert torch.allclose(key_diversity(keys, 500).double(), whole, atol=1e-5)
     assert not torch.allclose(key_diversity(keys, 8).double(), whole, atol=1e-2)
+
+
+def test_union_ranking_keeps_the_best_of_both_rankings_in_their_shares():
+    """Every top-k of the union holds first's best (1 - share) k and second's best share k
+    (rounded down); with share 0.5 of two equal rankings it is that ranking."""
+    gen = torch.Generator().manual_seed(4)
+    first, second = torch.randn(3, 200, generator=gen), torch.randn(3, 200, generator=gen)
+    for share in (0.25, 0.5, 0.8):
+        union = union_ranking(first, second, share)
+        for k in (1, 10, 57, 200):
+            kept = top_mask(union, k)
+            assert (kept.sum(-1) == k).all()
+            need = top_mask(first, int((1 - share) * k)) | top_mask(second, int(share * k))
+            assert (kept | ~need).all()
+    assert torch.equal(union_ranking(first, first, 0.5).argsort(dim=-1, descending=True),
+                       first.argsort(dim=-1, descending=True))

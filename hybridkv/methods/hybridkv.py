@@ -19,8 +19,13 @@ images, compressed before the question arrives: ``PromptSpans.query_source == "n
 text prior and no question span to protect. There the token scores of both head types come
 from ``question_free_prior``: ``"key_diversity"`` (default) keeps the keys least like the head's
 mean key (:func:`hybridkv.scoring.key_diversity`: the mean of the ``diversity_anchor`` keys
-around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours; with
-``derotate_keys``, of the keys rotated back to position zero, :mod:`hybridkv.rope`),
+around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours) of the
+cached keys, after RoPE; with ``derotate_share`` > 0 also of the keys rotated back to position
+zero (:mod:`hybridkv.rope`), and a head keeps the union of the best ``1 - derotate_share`` of the
+first ranking and the best ``derotate_share`` of the second
+(:func:`hybridkv.scoring.union_ranking`). After RoPE a single mean favours a long prompt's ends
+whatever their content, so late needles are lost; before RoPE a word repeated all over the
+prompt looks ordinary, so the counting answers are lost; the union keeps some of both.
 ``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
 come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
@@ -59,7 +64,15 @@ from hybridkv.methods.base import Method, check_int, check_share
 from hybridkv.methods.registry import register
 from hybridkv.models.architectures import ModelSpec
 from hybridkv.rope import derotate
-from hybridkv.scoring import attention_blocks, key_diversity, mean_attention, pool_by_modality, pool_scores, top_mask
+from hybridkv.scoring import (
+    attention_blocks,
+    key_diversity,
+    mean_attention,
+    pool_by_modality,
+    pool_scores,
+    top_mask,
+    union_ranking,
+)
 from hybridkv.spans import PromptSpans
 
 
@@ -131,9 +144,10 @@ class HybridKV(Method):
         diversity_kernel: pooling width of key-diversity scores (odd).
         diversity_anchor: keys whose mean a key's diversity is measured against (a window
             centred on it), or None for the whole prompt's mean.
-        derotate_keys: rank key diversity on the keys with their RoPE undone
-            (:attr:`~hybridkv.decisions.LayerContext.rotation`; where the rotation is unknown, e.g.
-            a later turn's segment, on the cached keys).
+        derotate_share: share in [0, 1] of a question-free head's ranked tokens chosen by key
+            diversity of the keys with their RoPE undone
+            (:attr:`~hybridkv.decisions.LayerContext.rotation`), the rest by that of the cached
+            keys; where the rotation is unknown (a later turn's segment), the cached keys alone.
     """
 
     profile: HeadProfile | None = None
@@ -154,7 +168,7 @@ class HybridKV(Method):
     question_free_prior: str = "key_diversity"
     diversity_kernel: int = 3
     diversity_anchor: int | None = None
-    derotate_keys: bool = False
+    derotate_share: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,8 +183,6 @@ class HybridKV(Method):
                 raise ValueError(f"{name} must be odd (a centred pooling window), got {getattr(self, name)}.")
         if self.diversity_anchor is not None:
             check_int("diversity_anchor", self.diversity_anchor, 1)
-        if not isinstance(self.derotate_keys, bool):
-            raise ValueError(f"derotate_keys must be True or False, got {self.derotate_keys!r}.")
         if self.pool is not None and (isinstance(self.pool, bool) or not isinstance(self.pool, (int, float))
                                       or self.pool < 1.0):
             raise ValueError(f"pool must be a number >= 1.0 (pool size / attended chunks) or None, got {self.pool!r}.")
@@ -178,7 +190,7 @@ class HybridKV(Method):
             raise ValueError(f"question_free_prior must be one of {QUESTION_FREE_PRIORS}, got {self.question_free_prior!r}.")
         if self.store not in ("device", "host"):
             raise ValueError(f"store must be 'device' or 'host', got {self.store!r}.")
-        for name in ("coverage", "base_share", "topk_share", "max_dynamic_share"):
+        for name in ("coverage", "base_share", "topk_share", "max_dynamic_share", "derotate_share"):
             check_share(name, getattr(self, name))
         low, high = self.layer_share_range
         if not 0.0 <= low <= 1.0 <= high:
@@ -238,9 +250,7 @@ class HybridKV(Method):
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
         if plan.settings["token_prior"] == "key_diversity":
-            keys = ctx.keys if not self.derotate_keys or ctx.rotation is None else derotate(ctx.keys, *ctx.rotation)
-            prior = key_diversity(keys, self.diversity_anchor)
-            pooled = pool_scores(prior, self.diversity_kernel)
+            prior, pooled = self._key_diversity(ctx)
         else:
             pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)
         degraded = plan.degraded[idx]
@@ -259,6 +269,19 @@ class HybridKV(Method):
                 keep[h], request = self._dynamic_head(idx, h, budget, prior[h], fixed, plan)
                 chunks.append(request)
         return Decision(keep, chunks, store=self.store)
+
+    def _key_diversity(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question-free scores of one layer: (Hkv, S) per token (chunk pools sum them) and
+        (Hkv, S) pooled over ``diversity_kernel`` (tokens are ranked by them)."""
+        share = self.derotate_share if ctx.rotation is not None else 0.0
+        if share in (0.0, 1.0):
+            keys = derotate(ctx.keys, *ctx.rotation) if share == 1.0 else ctx.keys
+            prior = key_diversity(keys, self.diversity_anchor)
+            return prior, pool_scores(prior, self.diversity_kernel)
+        rotated, derotated = (pool_scores(key_diversity(keys, self.diversity_anchor), self.diversity_kernel)
+                              for keys in (ctx.keys, derotate(ctx.keys, *ctx.rotation)))
+        union = union_ranking(rotated, derotated, share)
+        return union, union
 
     def _classify_online(self, ctx: LayerContext, plan: HybridKVPlan, prior: torch.Tensor, start: int) -> None:
         """Types and budgets of one layer from its prefill: how well the mean text prior predicts
