@@ -135,7 +135,7 @@ def union_ranking(first: torch.Tensor, second: torch.Tensor, share: float) -> to
     """(H, L) scores whose ``k`` best are, for every ``k``, the union of ``first``'s best
     ``(1 - share)`` share and ``second``'s best ``share`` share of a ``t >= k`` (each row's top
     ``k`` under :func:`top_mask` holds at least ``(1 - share) k`` of ``first``'s top and
-    ``share k`` of ``second``'s).
+    ``share k`` of ``second``'s, rounded down).
 
     Args:
         first / second: (H, L) scores, higher is better.
