@@ -306,12 +306,11 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, share)
     positions = torch.arange(length)
     protected = (positions < 4) | ~spans.context | (positions >= length - 8)  # no question span to keep
     for idx in range(len(kept)):
-        rankings = {0.0: [cache.layers[idx].keys[0].float()], 1.0: [before[idx][0]] if share else []}
-        rankings[0.5] = rankings[0.0] + rankings[1.0]
+        rankings = ([cache.layers[idx].keys[0].float()] if share < 1 else []) + ([before[idx][0]] if share else [])
         for h in range(2):
             n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
             tops = []
-            for keys in rankings[share]:  # (Hkv, L, D) each
+            for keys in rankings:  # (Hkv, L, D) each
                 unit = keys[h] / keys[h].norm(dim=-1, keepdim=True)
                 width = length if anchor is None else anchor
                 lows = [min(max(0, i - width // 2), length - width) for i in range(length)]
@@ -319,7 +318,7 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, share)
                 diversity = -(unit * means).sum(-1) / means.norm(dim=-1)
                 scores = F.avg_pool1d(diversity[None, None], 5, stride=1, padding=2)[0, 0].masked_fill(
                     protected, float("-inf"))
-                tops.append(set(scores.topk(n_free if share in (0.0, 1.0) else n_free // 2).indices.tolist()))
+                tops.append(set(scores.topk(n_free // len(rankings)).indices.tolist()))
             heads = set(kept[idx][0][h])
             assert len(heads) == n_free + int(protected.sum()) and set(positions[protected].tolist()) <= heads
             assert set().union(*tops) <= heads

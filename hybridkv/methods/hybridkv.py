@@ -271,8 +271,9 @@ class HybridKV(Method):
         return Decision(keep, chunks, store=self.store)
 
     def _key_diversity(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Question-free scores of one layer: (Hkv, S) per token (chunk pools sum them) and
-        (Hkv, S) pooled over ``diversity_kernel`` (tokens are ranked by them)."""
+        """Question-free scores of one layer: (Hkv, S) that chunk pools sum and (Hkv, S) that
+        tokens are ranked by. From one ranking, its key diversity and that pooled over
+        ``diversity_kernel``; from two, their union of the pooled scores, both times."""
         share = self.derotate_share if ctx.rotation is not None else 0.0
         if share in (0.0, 1.0):
             keys = derotate(ctx.keys, *ctx.rotation) if share == 1.0 else ctx.keys
