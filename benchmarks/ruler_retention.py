@@ -8,14 +8,17 @@ needle's key sentence); dynamic heads are counted apart. Writes
 ``results/ruler_retention_<task>_s<seed>.{csv,json,png}``.
 
     python benchmarks/ruler_retention.py --task niah_multivalue --seed 101 [--protocol question-after]
-        [--budget 0.1] [--length 4096] [--anchor 512] [--threads 1]
+        [--budget 0.1] [--length 4096] [--anchor 512] [--share 0.0] [--threads 1]
 
 It also reports the position bias of the key-diversity ranking: over every KV head, the mean
-percentile rank (pooled over ``diversity_kernel``, as HybridKV ranks) of the tokens in each
-eighth of the prompt (``meta["diversity_percentile_by_eighth"]``; 0.5 everywhere is no bias).
+percentile rank of the tokens in each eighth of the prompt by the scores HybridKV ranked them by
+while compressing (:meth:`~hybridkv.HybridKV.key_diversity_scores`; pooled over
+``diversity_kernel``, and the union with the keys' RoPE undone at ``derotate_share``), in
+``meta["diversity_percentile_by_eighth"]``; 0.5 everywhere is no bias.
 
 ``--anchor`` sets HybridKV's ``diversity_anchor`` (question-agnostic key diversity against the
-mean of that many neighbouring keys) and adds ``_a<anchor>`` to the file names.
+mean of that many neighbouring keys) and adds ``_a<anchor>`` to the file names; ``--share`` sets
+its ``derotate_share`` and adds ``_d<share>`` where it is not the default.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from hybridkv.bench import print_table, write_results
 from hybridkv.data.ruler import RULER_TASKS, ruler_tasks
 from hybridkv.harness import split_tail
 from hybridkv.models.loading import load_model
-from hybridkv.scoring import key_diversity, pool_scores
 
 BEFORE = 12
 """Tokens before a reference counted as its key sentence."""
@@ -55,19 +57,30 @@ def retention(kept: list[list[set[int]]], types: list[list[str]], span: list[int
             "key_share": round(sum(key) / max(1, len(key)), 3)}
 
 
-def position_bias(model, prefix: dict, method: HybridKV) -> list[float]:
-    """Mean percentile rank of ``method``'s question-free key-diversity scores per eighth of the
-    prompt, over every layer and KV head of an uncompressed prefill (keys after RoPE)."""
-    with torch.inference_mode():
-        cache = model(**prefix, use_cache=True).past_key_values
-    length = prefix["input_ids"].shape[1]
+def record_rankings(method: HybridKV) -> list[torch.Tensor]:
+    """Make ``method`` record, for every layer it compresses, the (Hkv, S) scores its
+    question-free key diversity ranks that layer's tokens by; returns the list it appends to."""
+    rankings: list[torch.Tensor] = []
+    compress = method.compress
+
+    def recording(ctx, plan):
+        rankings.append(method.key_diversity_scores(ctx)[1].float().cpu())
+        return compress(ctx, plan)
+
+    method.compress = recording
+    return rankings
+
+
+def position_bias(rankings: list[torch.Tensor]) -> list[float]:
+    """Mean percentile rank per eighth of the prompt of every layer's (Hkv, S) ranking scores,
+    over the layers and KV heads (0.5 everywhere: no position bias)."""
+    length = rankings[0].shape[-1]
     edges = torch.linspace(0, length, 9).long()
     totals = torch.zeros(8)
-    for layer in cache.layers:
-        scores = pool_scores(key_diversity(layer.keys[0], method.diversity_anchor), method.diversity_kernel)
-        rank = scores.argsort(dim=-1).argsort(dim=-1).float() / length  # (Hkv, L) percentile
+    for scores in rankings:
+        rank = scores.argsort(dim=-1).argsort(dim=-1).float() / length  # (Hkv, S) percentile
         totals += torch.stack([rank[:, edges[i] : edges[i + 1]].mean() for i in range(8)])
-    return [round(float(x), 3) for x in totals / len(cache.layers)]
+    return [round(float(x), 3) for x in totals / len(rankings)]
 
 
 def plot(rows: list[dict], out: str, title: str) -> None:
@@ -97,6 +110,8 @@ if __name__ == "__main__":
     parser.add_argument("--protocol", default="question-after", choices=["answer-after", "question-after"])
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--anchor", type=int, default=None, help="HybridKV's diversity_anchor (default: none)")
+    parser.add_argument("--share", type=float, default=HybridKV.derotate_share,
+                        help=f"HybridKV's derotate_share (default: {HybridKV.derotate_share})")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +119,8 @@ if __name__ == "__main__":
     task = ruler_tasks(tokenizer, [args.task], [args.length], [args.seed], protocol=args.protocol)[0]
     prefix, _ = split_tail(model, task.inputs(), task.tail_tokens)
     ids = prefix["input_ids"][0].tolist()
-    method = HybridKV(args.budget, diversity_anchor=args.anchor)
+    method = HybridKV(args.budget, diversity_anchor=args.anchor, derotate_share=args.share)
+    rankings = record_rankings(method)
     with torch.inference_mode(), method.apply(model, query_tokens=task.query_tokens) as engine:
         model.generate(**prefix, max_new_tokens=1, do_sample=False)
         kept = [[{p for p in layer.kept_positions[0, h].tolist() if p >= 0} for h in range(layer.kv_heads)]
@@ -118,10 +134,14 @@ if __name__ == "__main__":
             raise SystemExit(f"reference {ref!r} is not a token run of the prompt; this diagnostic needs one.")
         rows.append({"reference": ref, "position": span[0], "tokens": len(span), "dynamic_heads": dynamic,
                      **retention(kept, types, span)})
-    bias = position_bias(model, prefix, method)
-    out = f"results/ruler_retention_{args.task}_s{args.seed}" + (f"_a{args.anchor}" if args.anchor else "")
+    bias = position_bias(rankings)
+    suffix = (f"_a{args.anchor}" if args.anchor else "") + (
+        f"_d{args.share}" if args.share != HybridKV.derotate_share else "")
+    out = f"results/ruler_retention_{args.task}_s{args.seed}{suffix}"
     write_results(rows, out, {"benchmark": "ruler_retention", "task": task.key, "budget": args.budget,
-                                 "diversity_anchor": args.anchor, "diversity_percentile_by_eighth": bias})
+                                 "diversity_anchor": args.anchor, "derotate_share": args.share,
+                                 "diversity_percentile_by_eighth": bias})
     print_table(rows, list(rows[0]))
     print("key-diversity percentile by eighth of the prompt:", bias)
-    plot(rows, out, f"HybridKV@{args.budget}: {task.key}" + (f", anchor {args.anchor}" if args.anchor else ""))
+    plot(rows, out, f"HybridKV@{args.budget}: {task.key}" + (f", anchor {args.anchor}" if args.anchor else "")
+         + f", derotate_share {args.share}")

@@ -221,10 +221,7 @@ def test_summary_compares_partial_methods_on_their_own_prompts():
     assert cell[("Peer3", "4k agnostic, 8 prompts")] == (100.0, 8) and cell[("A", "4k agnostic, 8 prompts")] == (50.0, 8)
 
 
-def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
-    """benchmarks/ruler_retention.py: a reference's token run is found in the prompt, and static
-    heads are counted by how much of it (and of the tokens before it) they keep; dynamic heads are
-    left out."""
+def _retention_module():
     import importlib.util
     from pathlib import Path
 
@@ -232,6 +229,14 @@ def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
     spec = importlib.util.spec_from_file_location("ruler_retention", path)
     retention = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(retention)
+    return retention
+
+
+def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
+    """benchmarks/ruler_retention.py: a reference's token run is found in the prompt, and static
+    heads are counted by how much of it (and of the tokens before it) they keep; dynamic heads are
+    left out."""
+    retention = _retention_module()
     assert retention.token_span([5, 1, 2, 3, 1, 2], [1, 2]) == [1, 2]
     assert retention.token_span([5, 1, 3], [1, 2]) == []
     span = [20, 21, 22, 23]  # the 12 tokens before it: 8..19
@@ -240,3 +245,36 @@ def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
     out = retention.retention(kept, types, span)
     assert out == {"static_heads": 3, "heads_keeping_all": 2, "mean_share": round((1 + 0.5 + 1) / 3, 3),
                    "key_share": round((1 + 0 + 6 / 12) / 3, 3)}
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
+    """The position bias is measured on the scores HybridKV ranked each layer's tokens by while
+    compressing (one (Hkv, S) ranking per layer; at ``derotate_share`` 0.5 the union ranking), and
+    per eighth of the prompt it is the mean percentile of those scores."""
+    import torch
+
+    from hybridkv import HybridKV
+    from hybridkv.models.tiny import tiny_model, visual_inputs
+
+    retention = _retention_module()
+    ascending = torch.arange(16.0)[None]  # one head, scores rising with position
+    assert retention.position_bias([ascending, ascending]) == [round((4 * i + 1) / 32, 3) for i in range(8)]
+    model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
+    inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # no question: key diversity ranks
+    method = HybridKV(0.3, max_dynamic_share=0.0, derotate_share=share)
+    rankings = retention.record_rankings(method)
+    with method.apply(model) as engine:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        kept = [layer.kept_positions[0] for layer in engine.layers]
+    length = inputs["input_ids"].shape[1]
+    assert len(rankings) == model.config.text_config.num_hidden_layers
+    for scores, positions in zip(rankings, kept):
+        assert scores.shape == (2, length)
+        for h in range(2):  # the head's best-ranked token outside what it must keep is kept
+            held = positions[h][positions[h] >= 0]
+            free = torch.ones(length, dtype=torch.bool)
+            free[:4] = False
+            free[-8:] = False
+            best = int(scores[h].masked_fill(~free, float("-inf")).argmax())
+            assert best in held.tolist()

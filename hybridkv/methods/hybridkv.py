@@ -19,13 +19,14 @@ images, compressed before the question arrives: ``PromptSpans.query_source == "n
 text prior and no question span to protect. There the token scores of both head types come
 from ``question_free_prior``: ``"key_diversity"`` (default) keeps the keys least like the head's
 mean key (:func:`hybridkv.scoring.key_diversity`: the mean of the ``diversity_anchor`` keys
-around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours) of the
-cached keys, after RoPE; with ``derotate_share`` > 0 also of the keys rotated back to position
-zero (:mod:`hybridkv.rope`), and a head keeps the union of the best ``1 - derotate_share`` of the
-first ranking and the best ``derotate_share`` of the second
-(:func:`hybridkv.scoring.union_ranking`). After RoPE a single mean favours a long prompt's ends
-whatever their content, so late needles are lost; before RoPE a word repeated all over the
-prompt looks ordinary, so the counting answers are lost; the union keeps some of both.
+around each one, or of the whole prompt's; pooled over ``diversity_kernel`` neighbours), ranked
+twice: on the cached keys, after RoPE, and on the keys rotated back to position zero
+(:mod:`hybridkv.rope`); a head keeps the union of the best ``1 - derotate_share`` (default 0.5)
+of the first ranking and the best ``derotate_share`` of the second
+(:func:`hybridkv.scoring.union_ranking`; 0.0 is the cached keys alone). After RoPE a single mean
+favours a long prompt's ends whatever their content, so late needles are lost; before RoPE a
+word repeated all over the prompt looks ordinary, so the counting answers are lost; the union
+keeps some of both.
 ``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
 come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
@@ -168,7 +169,7 @@ class HybridKV(Method):
     question_free_prior: str = "key_diversity"
     diversity_kernel: int = 3
     diversity_anchor: int | None = None
-    derotate_share: float = 0.0
+    derotate_share: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -250,7 +251,7 @@ class HybridKV(Method):
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
         if plan.settings["token_prior"] == "key_diversity":
-            prior, pooled = self._key_diversity(ctx)
+            prior, pooled = self.key_diversity_scores(ctx)
         else:
             pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)
         degraded = plan.degraded[idx]
@@ -270,7 +271,7 @@ class HybridKV(Method):
                 chunks.append(request)
         return Decision(keep, chunks, store=self.store)
 
-    def _key_diversity(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_diversity_scores(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Question-free scores of one layer: (Hkv, S) that chunk pools sum and (Hkv, S) that
         tokens are ranked by. From one ranking, its key diversity and that pooled over
         ``diversity_kernel``; from two, their union of the pooled scores, both times."""
