@@ -14,7 +14,9 @@ It also reports the position bias of the key-diversity ranking: over every KV he
 percentile rank of the tokens in each eighth of the prompt by the scores HybridKV ranked them by
 while compressing (:meth:`~hybridkv.HybridKV.key_diversity_scores`; pooled over
 ``diversity_kernel``, and the union with the keys' RoPE undone at ``derotate_share``), in
-``meta["diversity_percentile_by_eighth"]``; 0.5 everywhere is no bias.
+``meta["diversity_percentile_by_eighth"]``; 0.5 everywhere is no bias. Under ``--protocol
+answer-after`` the prompt holds its question and HybridKV ranks by the text prior instead; the
+bias is then that of the ranking key diversity would have given.
 
 ``--anchor`` sets HybridKV's ``diversity_anchor`` (question-agnostic key diversity against the
 mean of that many neighbouring keys) and adds ``_a<anchor>`` to the file names; ``--share`` sets
