@@ -190,17 +190,23 @@ def test_question_after_feeds_the_question_as_the_tail(chars):
         _text_tasks(CharTokenizer(), ["needle"], [3000], [0.5], [0], protocol="question-after")
 
 
+def _benchmark_module(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_summary_compares_partial_methods_on_their_own_prompts():
     """benchmarks/ruler.py: a method run on under 90% of a column's prompts gets a sub-column over
     the prompts it has (beside every other method there), and does not shrink the main column; a
     method short of one prompt of ten does, so every mean in a column is over the same prompts."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "ruler.py"
-    spec = importlib.util.spec_from_file_location("ruler_benchmark", path)
-    ruler_benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ruler_benchmark)
+    ruler_benchmark = _benchmark_module("ruler")
 
     def row(seed, method, score):
         return {"task": f"ruler-niah_single-L4096-s{seed}-qafter", "kind": "niah_single", "length": 4096,
@@ -221,22 +227,11 @@ def test_summary_compares_partial_methods_on_their_own_prompts():
     assert cell[("Peer3", "4k agnostic, 8 prompts")] == (100.0, 8) and cell[("A", "4k agnostic, 8 prompts")] == (50.0, 8)
 
 
-def _retention_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "ruler_retention.py"
-    spec = importlib.util.spec_from_file_location("ruler_retention", path)
-    retention = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(retention)
-    return retention
-
-
 def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
     """benchmarks/ruler_retention.py: a reference's token run is found in the prompt, and static
     heads are counted by how much of it (and of the tokens before it) they keep; dynamic heads are
     left out."""
-    retention = _retention_module()
+    retention = _benchmark_module("ruler_retention")
     assert retention.token_span([5, 1, 2, 3, 1, 2], [1, 2]) == [1, 2]
     assert retention.token_span([5, 1, 3], [1, 2]) == []
     span = [20, 21, 22, 23]  # the 12 tokens before it: 8..19
@@ -257,7 +252,7 @@ def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
     from hybridkv import HybridKV
     from hybridkv.models.tiny import tiny_model, visual_inputs
 
-    retention = _retention_module()
+    retention = _benchmark_module("ruler_retention")
     ascending = torch.arange(16.0)[None]  # one head, scores rising with position
     assert retention.position_bias([ascending, ascending]) == [round((4 * i + 1) / 32, 3) for i in range(8)]
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
