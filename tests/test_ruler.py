@@ -273,3 +273,20 @@ def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
             free[-8:] = False
             best = int(scores[h].masked_fill(~free, float("-inf")).argmax())
             assert best in held.tolist()
+
+
+def test_question_free_prefill_counts_the_compression_and_the_second_ranking():
+    """benchmarks/question_free_prefill.py: a prefill under HybridKV without a question runs more
+    aten ops than the plain prefill (the compression is inside the profiled forward), and ranking
+    twice (``derotate_share`` 0.5) more than once (0.0)."""
+    from hybridkv import HybridKV
+    from hybridkv.models.tiny import text_inputs, tiny_model
+
+    prefill = _benchmark_module("question_free_prefill")
+    model = tiny_model("qwen2")
+    prefix = text_inputs(120, seed=3)
+    plain = prefill.prefill_ops(model, prefix, None)
+    once = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.0))
+    twice = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.5))
+    assert plain < once < twice
+    assert prefill.prefill_seconds(model, prefix, HybridKV(0.3)) > 0
