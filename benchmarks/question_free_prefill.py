@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from contextlib import nullcontext
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 from hybridkv import HybridKV
@@ -26,6 +26,7 @@ from hybridkv.bench import print_table, write_results
 from hybridkv.data.ruler import ruler_tasks
 from hybridkv.harness import split_tail
 from hybridkv.models.loading import load_model
+from hybridkv.speed import forward_ops
 from hybridkv.step_timer import timed_generate
 
 SHARES = (0.0, 0.5, 1.0)
@@ -34,13 +35,8 @@ OUT = "results/question_free_prefill"
 
 def prefill_ops(model: torch.nn.Module, prefix: dict, method: HybridKV | None) -> int:
     """aten ops of one prefill forward of ``prefix`` (compression included under ``method``)."""
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        if method is None:
-            model(**prefix, past_key_values=DynamicCache(), use_cache=True)
-        else:
-            with method.apply(model, query_tokens=0):
-                model(**prefix, past_key_values=DynamicCache(), use_cache=True)
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    with method.apply(model, query_tokens=0) if method is not None else nullcontext():
+        return forward_ops(model, **prefix, past_key_values=DynamicCache(), use_cache=True)[0]
 
 
 def prefill_seconds(model: torch.nn.Module, prefix: dict, method: HybridKV | None) -> float:

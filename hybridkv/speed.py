@@ -144,15 +144,21 @@ def _cache_for(model: torch.nn.Module, capture: PrefillCapture, engine) -> Dynam
     return cache
 
 
-def _ops_per_layer(model: torch.nn.Module, cache: DynamicCache, layers: int) -> tuple[float, int]:
-    """(aten ops of one decoding step per layer, host synchronisations in it)."""
-    token = torch.ones(1, 1, dtype=torch.long, device=model.device)
+def forward_ops(model: torch.nn.Module, **inputs) -> tuple[int, int]:
+    """(aten ops, host synchronisations) of one ``model(**inputs)`` under ``torch.profiler``."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     with torch.inference_mode(), profile(activities=activities) as prof:
-        model(input_ids=token, past_key_values=cache, use_cache=True)
+        model(**inputs)
     events = prof.key_averages()
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     syncs = sum(e.count for e in events if e.key in ("aten::item", "aten::_local_scalar_dense"))
+    return ops, syncs
+
+
+def _ops_per_layer(model: torch.nn.Module, cache: DynamicCache, layers: int) -> tuple[float, int]:
+    """(aten ops of one decoding step per layer, host synchronisations in it)."""
+    token = torch.ones(1, 1, dtype=torch.long, device=model.device)
+    ops, syncs = forward_ops(model, input_ids=token, past_key_values=cache, use_cache=True)
     return ops / layers, syncs
 
 
