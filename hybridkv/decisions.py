@@ -92,11 +92,17 @@ class Plan:
         extra: method-specific report fields (keyword arguments of the constructor).
         exceeded: per layer, tokens (summed over KV heads) kept beyond the budget because the
             method had to keep them (protected tokens of a prompt too short for its budget).
+        surveys: True when the method decides a layer from statistics of every layer: the
+            engine then shows it every layer (:meth:`~hybridkv.methods.base.Method.survey`, in
+            layer order) before asking for any decision, and compresses the prompt at the end
+            of its forward instead of layer by layer (the prompt's whole KV is held until then,
+            as a plain cache holds it).
     """
 
     def __init__(self, **extra: object) -> None:
         self.extra = extra
         self.exceeded: dict[int, int] = {}
+        self.surveys = False
 
     def report_extra(self) -> dict:
         """Method-specific report fields of this prompt."""

@@ -112,6 +112,7 @@ class Engine:
         self.prefill_mask: torch.Tensor | None = None
         self.forward_bias = ForwardBias()
         self._segments: list[RowSegment] | None = None  # the current forward's compression, if any
+        self._surveyed: list[list[LayerContext]] | None = None  # its surveyed layers, while a plan surveys
         self._rotation_source, self._rotations = None, []  # the forward's cos tensor and its rows' rotations
         self._history: list[list[RowSegment]] = []  # every compression of the prompt
         self._frozen: CacheReport | None = None
@@ -208,7 +209,7 @@ class Engine:
         self.forward_bias.set(mask, batch, q_len, self.model.dtype, self.model.device)
         first = self.layers[0]
         fresh = first.seen == 0
-        self._segments, self.prefill_mask = None, None
+        self._segments, self._surveyed, self.prefill_mask = None, None, None
         self._rotation_source, self._rotations = None, []
         if not fresh and q_len == 1:
             return
@@ -235,6 +236,7 @@ class Engine:
             budget = tokens_per_head(self.method.budget, length, first=fresh)
             segments.append(RowSegment(columns, rows, spans, budget, self.method.plan(self.spec, spans, budget)))
         self._segments = segments
+        self._surveyed = [] if any(row.plan.surveys for row in segments) else None
         self._history.append(segments)
 
     # ----------------------------------------------------------------- called by attention
@@ -276,21 +278,51 @@ class Engine:
     def compress_layer(self, layer_idx: int, query: torch.Tensor, scaling: float, memo: dict | None = None) -> None:
         """Let the method decide, per sequence, what the layer keeps of its uncompressed region,
         then compact the layer (and give it a retrieval pool when heads retrieve); ``memo`` is
-        :attr:`LayerContext.memo`."""
+        :attr:`LayerContext.memo`.
+
+        When a plan surveys (:attr:`~hybridkv.decisions.Plan.surveys`), the layer is only shown to
+        the method now, and every layer is decided and compacted after the last one; the held
+        contexts keep only their text-prior query rows (``spans.query_start`` on).
+        """
+        contexts = self._contexts(layer_idx, query, scaling, memo)
+        if self._surveyed is None:
+            self._compact(layer_idx, contexts)
+            return
+        for ctx, row in zip(contexts, self._segments):
+            self.method.survey(ctx, row.plan)
+        self._surveyed.append(contexts)
+        if layer_idx == len(self.layers) - 1:
+            for idx, held in enumerate(self._surveyed):
+                self._compact(idx, held)
+            self._surveyed = None
+
+    def _contexts(self, layer_idx: int, query: torch.Tensor, scaling: float, memo: dict | None) -> list[LayerContext]:
+        """Per sequence, the :class:`LayerContext` of the layer's uncompressed region."""
         layer = self.layers[layer_idx]
         seg_keys, seg_values = layer.segment()  # (B, H, S, D)
-        keep = torch.zeros(seg_keys.shape[:3], dtype=torch.bool, device=seg_keys.device)
-        chunks: list[list[HeadChunks]] = []
-        store, observer = "device", None
         rotations = self._row_rotations(layer, seg_keys.shape[2] == query.shape[2])
+        contexts = []
         for b, row in enumerate(self._segments):
             keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
-            ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
-                               row.tokens_per_head, memo, rotations[b])
+            rows = query[b][:, row.query_rows]
+            if self._surveyed is not None:  # held until the last layer: the text-prior rows alone
+                rows = rows[:, max(0, row.spans.query_start - (keys.shape[1] - rows.shape[1])) :].clone()
+            contexts.append(LayerContext(layer_idx, self.spec, rows, keys, values, scaling, row.spans,
+                                         row.tokens_per_head, memo, rotations[b]))
+        return contexts
+
+    def _compact(self, layer_idx: int, contexts: list[LayerContext]) -> None:
+        """Ask the method for each sequence's decision on the layer and compact it."""
+        layer = self.layers[layer_idx]
+        width = layer.segment()[0].shape[2]
+        keep = torch.zeros(layer.batch, layer.kv_heads, width, dtype=torch.bool, device=layer.device)
+        chunks: list[list[HeadChunks]] = []
+        store, observer = "device", None
+        for b, (row, ctx) in enumerate(zip(self._segments, contexts)):
             decision = self.method.compress(ctx, row.plan)
             keep[b][:, row.columns] = decision.keep
-            columns = torch.arange(seg_keys.shape[2], device=keys.device)[row.columns]
-            chunks.append([HeadChunks(r.head, keys[r.head][r.positions], values[r.head][r.positions],
+            columns = torch.arange(width, device=ctx.keys.device)[row.columns]
+            chunks.append([HeadChunks(r.head, ctx.keys[r.head][r.positions], ctx.values[r.head][r.positions],
                                       (layer.first_uncompressed + columns[r.positions]).to(torch.int32), r.select)
                            for r in decision.chunks])
             store, observer = decision.store, decision.observer

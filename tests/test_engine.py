@@ -57,6 +57,46 @@ def test_one_method_object_in_two_threads_at_once():
         assert report.prompt_tokens == prompts[key]["input_ids"].shape[1]
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
+class _Surveying(SnapKV):
+    """SnapKV whose plan surveys: records every call and what the engine holds at each."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def plan(self, spec, spans, tokens_per_head):
+        plan = super().plan(spec, spans, tokens_per_head)
+        plan.surveys = True
+        return plan
+
+    def survey(self, ctx, plan):
+        stored = [layer.stored for layer in self.engine.layers]
+        self.calls.append(("survey", ctx.layer_idx, ctx.queries.shape[1], stored))
+
+    def compress(self, ctx, plan):
+        self.calls.append(("compress", ctx.layer_idx, ctx.queries.shape[1], None))
+        return super().compress(ctx, plan)
+
+
+def test_a_surveying_plan_sees_every_layer_before_any_is_compressed():
+    """The engine shows a surveying method every layer of the prompt, in order, while every
+    layer filled so far still holds the whole prompt; it then compresses them in order with the same contexts,
+    which keep only the text-prior query rows; the tokens are those of the same method
+    compressing layer by layer."""
+    model, inputs = get_model("llama"), text_inputs(100, seed=3)
+    layers = model.config.num_hidden_layers
+    method = _Surveying(0.3, window_size=4)
+    with method.apply(model, query_tokens=12) as engine:
+        method.engine = engine
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    length = inputs["input_ids"].shape[1]
+    assert [c[:2] for c in method.calls] == ([("survey", i) for i in range(layers)]
+                                            + [("compress", i) for i in range(layers)])
+    assert all(c[2] == 12 for c in method.calls)  # the question's rows, not the prompt's
+    assert all(c[3][: c[1] + 1] == [length] * (c[1] + 1) for c in method.calls if c[0] == "survey")  # uncompressed
+    reference, _, _, _ = run_under(model, SnapKV(0.3, window_size=4), inputs, query_tokens=12, max_new_tokens=4)
+    assert torch.equal(out, reference)
+
+
 def test_leaving_the_block_releases_the_cache_and_keeps_the_report():
     model = get_model("llama")
     method = SnapKV(0.3, window_size=4)

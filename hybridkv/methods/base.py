@@ -119,6 +119,9 @@ class Method:
         """Per-prompt decisions before any layer is compressed (default: none)."""
         return Plan()
 
+    def survey(self, ctx: LayerContext, plan: Plan) -> None:
+        """See one layer before any is compressed, when ``plan.surveys`` (default: nothing)."""
+
     def select(self, ctx: LayerContext, plan: Plan) -> torch.Tensor:
         """Which segment tokens each KV head keeps: (Hkv, S) bool."""
         raise NotImplementedError
