@@ -39,7 +39,9 @@ VARIANTS = {
     ("tiny-vlm", "answer-after"): ("HybridKV:kernel_size=7",),
     ("coder-vlm", "answer-after"): ("HybridKV:kernel_size=7", "HybridKV:visual_kernel_size=15"),
     **{(model, "question-after"): ("HybridKV:question_free_prior=attention,kernel_size=7",
-                                   "HybridKV:derotate_share=0.0", "HybridKV-offline:derotate_share=0.0")
+                                   "HybridKV:consensus_share=0.0", "HybridKV-offline:consensus_share=0.0",
+                                   "HybridKV:derotate_share=0.0,consensus_share=0.0",
+                                   "HybridKV-offline:derotate_share=0.0,consensus_share=0.0")
        for model in ("tiny-vlm", "coder-vlm")},
 }
 """HybridKV variants run beside the default: text tokens pooled over 7 as visual ones (the default
@@ -47,8 +49,9 @@ before RULER's text needles asked for 15, docs/ruler.md; text competes by score 
 cannot hold it) and visual tokens pooled over 15 (rejected on the validation split,
 docs/choices.md); with the images compressed before the question, the window's attention in
 place of key diversity (with text pooled over 7, as it ran before the split into two widths),
-and key diversity ranked on the cached keys alone (the default before RULER's tuning seeds chose
-the union with the keys' RoPE undone, docs/ruler.md)."""
+each head's own key-diversity ranking alone (the default before RULER's tuning seeds chose the
+model-wide ranking beside it), and key diversity ranked on the cached keys alone (the default
+before those seeds chose the union with the keys' RoPE undone, docs/ruler.md)."""
 BUDGETS = ("0.05", "0.1", "0.2", "0.4")
 
 if __name__ == "__main__":

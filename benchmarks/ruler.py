@@ -23,11 +23,14 @@ MODEL = "qwen2.5-coder-1.5b"
 OUT = f"results/ruler_{MODEL}"
 PEERS = ("kvpress:StreamingLLM", "kvpress:ObservedAttention", "kvpress:SnapKV", "kvpress:PyramidKV", "kvpress:AdaKV")
 VARIANTS = {"answer-after": ("HybridKV:kernel_size=7",),
-            "question-after": ("HybridKV:derotate_share=0.0", "HybridKV-offline:derotate_share=0.0")}
+            "question-after": ("HybridKV:consensus_share=0.0", "HybridKV-offline:consensus_share=0.0",
+                               "HybridKV:derotate_share=0.0,consensus_share=0.0",
+                               "HybridKV-offline:derotate_share=0.0,consensus_share=0.0")}
 """Configurations run beside the defaults, per protocol: with the question, HybridKV with text pooled
-over 7 tokens, the default before RULER's tuning seeds 100-102 chose 15; without it, key diversity
-ranked on the cached keys alone, the default before the tuning seeds 100-105 chose the union with
-the keys' RoPE undone (docs/ruler.md)."""
+over 7 tokens, the default before RULER's tuning seeds 100-102 chose 15; without it, each head's own
+ranking alone (no model-wide ranking), the default before the tuning seeds 100-105 chose
+``consensus_share`` 0.5, and, older, key diversity ranked on the cached keys alone, the default
+before those seeds chose the union with the keys' RoPE undone (docs/ruler.md)."""
 
 
 def column(row: dict) -> str:

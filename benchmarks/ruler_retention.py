@@ -8,19 +8,21 @@ needle's key sentence); dynamic heads are counted apart. Writes
 ``results/ruler_retention_<task>_s<seed>.{csv,json,png}``.
 
     python benchmarks/ruler_retention.py --task niah_multivalue --seed 101 [--protocol question-after]
-        [--budget 0.1] [--length 4096] [--anchor 512] [--share 0.0] [--threads 1]
+        [--budget 0.1] [--length 4096] [--anchor 512] [--share 0.0] [--consensus 0.0] [--threads 1]
 
 It also reports the position bias of the key-diversity ranking: over every KV head, the mean
 percentile rank of the tokens in each eighth of the prompt by the scores HybridKV ranked them by
 while compressing (:meth:`~hybridkv.HybridKV.key_diversity_scores`; pooled over
-``diversity_kernel``, and the union with the keys' RoPE undone at ``derotate_share``), in
+``diversity_kernel``, the union with the keys' RoPE undone at ``derotate_share``, and that
+with the model-wide ranking at ``consensus_share``), in
 ``meta["diversity_percentile_by_eighth"]``; 0.5 everywhere is no bias. Under ``--protocol
 answer-after`` the prompt holds its question and HybridKV ranks by the text prior instead; the
 bias is then that of the ranking key diversity would have given.
 
 ``--anchor`` sets HybridKV's ``diversity_anchor`` (question-agnostic key diversity against the
 mean of that many neighbouring keys) and adds ``_a<anchor>`` to the file names; ``--share`` sets
-its ``derotate_share`` and adds ``_d<share>`` where it is not the default.
+its ``derotate_share`` and adds ``_d<share>`` where it is not the default; ``--consensus`` sets its
+``consensus_share`` and adds ``_c<consensus>`` where it is not the default.
 """
 
 from __future__ import annotations
@@ -61,15 +63,16 @@ def retention(kept: list[list[set[int]]], types: list[list[str]], span: list[int
 
 def record_rankings(method: HybridKV) -> list[torch.Tensor]:
     """Make ``method`` record, for every layer it compresses, the (Hkv, S) scores its
-    question-free key diversity ranks that layer's tokens by; returns the list it appends to."""
+    question-free ranking ranks that layer's tokens by; returns the list it appends to."""
     rankings: list[torch.Tensor] = []
-    compress = method.compress
+    scores = method.question_free_scores
 
     def recording(ctx, plan):
-        rankings.append(method.key_diversity_scores(ctx)[1].float().cpu())
-        return compress(ctx, plan)
+        out = scores(ctx, plan)
+        rankings.append(out[1].float().cpu())
+        return out
 
-    method.compress = recording
+    method.question_free_scores = recording
     return rankings
 
 
@@ -114,6 +117,8 @@ if __name__ == "__main__":
     parser.add_argument("--anchor", type=int, default=None, help="HybridKV's diversity_anchor (default: none)")
     parser.add_argument("--share", type=float, default=HybridKV.derotate_share,
                         help=f"HybridKV's derotate_share (default: {HybridKV.derotate_share})")
+    parser.add_argument("--consensus", type=float, default=HybridKV.consensus_share,
+                        help=f"HybridKV's consensus_share (default: {HybridKV.consensus_share})")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +126,8 @@ if __name__ == "__main__":
     task = ruler_tasks(tokenizer, [args.task], [args.length], [args.seed], protocol=args.protocol)[0]
     prefix, _ = split_tail(model, task.inputs(), task.tail_tokens)
     ids = prefix["input_ids"][0].tolist()
-    method = HybridKV(args.budget, diversity_anchor=args.anchor, derotate_share=args.share)
+    method = HybridKV(args.budget, diversity_anchor=args.anchor, derotate_share=args.share,
+                      consensus_share=args.consensus)
     rankings = record_rankings(method)
     with torch.inference_mode(), method.apply(model, query_tokens=task.query_tokens) as engine:
         model.generate(**prefix, max_new_tokens=1, do_sample=False)
@@ -138,12 +144,14 @@ if __name__ == "__main__":
                      **retention(kept, types, span)})
     bias = position_bias(rankings)
     suffix = (f"_a{args.anchor}" if args.anchor else "") + (
-        f"_d{args.share}" if args.share != HybridKV.derotate_share else "")
+        f"_d{args.share}" if args.share != HybridKV.derotate_share else "") + (
+        f"_c{args.consensus}" if args.consensus != HybridKV.consensus_share else "")
     out = f"results/ruler_retention_{args.task}_s{args.seed}{suffix}"
     write_results(rows, out, {"benchmark": "ruler_retention", "task": task.key, "budget": args.budget,
                                  "diversity_anchor": args.anchor, "derotate_share": args.share,
+                                 "consensus_share": args.consensus,
                                  "diversity_percentile_by_eighth": bias})
     print_table(rows, list(rows[0]))
     print("key-diversity percentile by eighth of the prompt:", bias)
     plot(rows, out, f"HybridKV@{args.budget}: {task.key}" + (f", anchor {args.anchor}" if args.anchor else "")
-         + f", derotate_share {args.share}")
+         + f", derotate_share {args.share}, consensus_share {args.consensus}")

@@ -141,13 +141,15 @@ def union_ranking(first: torch.Tensor, second: torch.Tensor, share: float) -> to
         first / second: (H, L) scores, higher is better.
         share: in (0, 1), the weight of ``second``.
     """
-    def place(scores: torch.Tensor) -> torch.Tensor:  # (H, L) float rank, 0 = best
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-        return ranks.float()
+    return -torch.minimum(ranks(first) / (1.0 - share), ranks(second) / share)
 
-    return -torch.minimum(place(first) / (1.0 - share), place(second) / share)
+
+def ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(..., L) float place of each score in its row, 0 for the highest (ties broken by position)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    places = torch.empty_like(order)
+    places.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return places.float()
 
 
 def top_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

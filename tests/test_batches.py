@@ -57,15 +57,18 @@ def test_vision_rows_find_their_own_spans():
     assert [s.query_tokens for s in report.sequences] == [7, 21]  # <|vision_end|> and the question
 
 
-@pytest.mark.parametrize("make_method", [lambda: SnapKV(0.3, window_size=4), lambda: HybridKV(0.5, threshold=1.1)],
-                         ids=["SnapKV", "HybridKV"])
-def test_compressed_batch_rows_equal_each_row_alone(make_method):
-    """A row of a padded batch gets the tokens it gets alone (compression is per row)."""
+@pytest.mark.parametrize("make_method,query", [(lambda: SnapKV(0.3, window_size=4), None),
+                                               (lambda: HybridKV(0.5, threshold=1.1), None),
+                                               (lambda: HybridKV(0.3), 0)],
+                         ids=["SnapKV", "HybridKV", "HybridKV-question-free"])
+def test_compressed_batch_rows_equal_each_row_alone(make_method, query):
+    """A row of a padded batch gets the tokens it gets alone (compression is per row; without a
+    question, HybridKV's model-wide ranking is per row too)."""
     model = get_model("llama")
     prompts = [text_inputs(120, seed=1), text_inputs(70, seed=2)]
-    batch, _, _, _ = run_under(model, make_method(), left_padded(prompts), max_new_tokens=6)
+    batch, _, _, _ = run_under(model, make_method(), left_padded(prompts), query, max_new_tokens=6)
     for b, prompt in enumerate(prompts):
-        alone, _, _, _ = run_under(model, make_method(), prompt, max_new_tokens=6)
+        alone, _, _, _ = run_under(model, make_method(), prompt, query, max_new_tokens=6)
         assert torch.equal(batch[b, -6:], alone[0, -6:])
 
 

@@ -288,11 +288,12 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, share)
     protected tokens and the keys least like their head's mean key, of the whole prompt or of
     the ``diversity_anchor`` keys around each (pooled over ``diversity_kernel``, not the text
     prior's ``kernel_size``): ranked on the cached keys, on the keys before RoPE (read here from
-    the key projections) or, with ``derotate_share`` 0.5, at least the best half of each."""
+    the key projections) or, with ``derotate_share`` 0.5, at least the best half of each (each
+    head's own ranking alone: ``consensus_share=0.0``)."""
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # ends with <vision_end>
     method = HybridKV(0.5, max_dynamic_share=0.0, kernel_size=7, diversity_kernel=5, window=8, sink_tokens=4,
-                      diversity_anchor=anchor, derotate_share=share)
+                      diversity_anchor=anchor, derotate_share=share, consensus_share=0.0)
     with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         kept = kept_positions(engine.layers)
@@ -322,6 +323,64 @@ def test_a_prompt_without_question_scores_tokens_by_key_diversity(anchor, share)
             heads = set(kept[idx][0][h])
             assert len(heads) == n_free + int(protected.sum()) and set(positions[protected].tolist()) <= heads
             assert set().union(*tops) <= heads
+
+
+def test_a_prompt_without_question_keeps_the_deep_layers_model_wide_ranking():
+    """With ``consensus_share`` 0.5 every head keeps at least the best half of its free budget by
+    the model-wide ranking (each token's mean place, over the KV heads of the deeper half of the
+    layers, in those heads' own rankings) and a quarter by each of its own two key-diversity
+    rankings (after RoPE, and before it: read from the key projections). Places and the union are
+    recomputed here from the definitions."""
+    model = tiny_model("qwen2_5_vl", hidden_size=64, layers=4, heads=4, kv_heads=2, seed=5)
+    inputs = visual_inputs(images=2, grid=16, question=0, seed=6)
+    method = HybridKV(0.4, max_dynamic_share=0.0, diversity_kernel=5, window=8, sink_tokens=4)
+    with method.apply(model) as engine:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        kept = kept_positions(engine.layers)
+        spans = engine._history[0][0].spans
+    with torch.no_grad():
+        before = keys_before_rope(model, lambda: model(**inputs, use_cache=True))
+        cache = model(**inputs, use_cache=True).past_key_values
+    length = spans.prompt_len
+    positions = torch.arange(length)
+    protected = (positions < 4) | ~spans.context | (positions >= length - 8)
+
+    def places(scores):  # (L,) -> place of each token, 0 = best, ties by position
+        order = sorted(range(length), key=lambda i: (-float(scores[i]), i))
+        out = torch.empty(length)
+        out[torch.tensor(order)] = torch.arange(length, dtype=torch.float)
+        return out
+
+    def diversity(keys):  # (L, D) -> (L,) pooled dissimilarity to the mean unit key
+        unit = keys / keys.norm(dim=-1, keepdim=True)
+        mean = unit.mean(dim=0)
+        return F.avg_pool1d(-(unit @ mean / mean.norm())[None, None], 5, stride=1, padding=2)[0, 0]
+
+    own = {}
+    for idx in range(4):
+        for h in range(2):
+            cached, derotated = places(diversity(cache.layers[idx].keys[0, h].float())), places(diversity(before[idx][0, h]))
+            own[idx, h] = (cached, derotated, torch.minimum(cached / 0.5, derotated / 0.5))  # lower is better
+    consensus = torch.stack([places(-own[idx, h][2]) for idx in (2, 3) for h in range(2)]).mean(dim=0)
+    for idx in range(4):
+        for h in range(2):
+            n_free = method.report.extra["memory_budgets"][idx][h] - int(protected.sum())
+            heads = set(kept[idx][0][h])
+            assert len(heads) == n_free + int(protected.sum()) and set(positions[protected].tolist()) <= heads
+            assert set(consensus.argsort(stable=True)[: n_free // 2].tolist()) <= heads
+            for ranking in own[idx, h][:2]:
+                assert set(ranking.argsort(stable=True)[: n_free // 2 // 2].tolist()) <= heads
+    assert method.consensus_share == 0.5 and method.consensus_from == 0.5  # the defaults checked here
+
+
+def test_the_model_wide_ranking_changes_what_a_middle_layer_keeps():
+    """The ranking above is not a no-op: without it (``consensus_share=0.0``) some head keeps
+    other tokens."""
+    model = tiny_model("qwen2_5_vl", hidden_size=64, layers=4, heads=4, kv_heads=2, seed=5)
+    inputs = visual_inputs(images=2, grid=16, question=0, seed=6)
+    runs = [run_under(model, HybridKV(0.4, max_dynamic_share=0.0, consensus_share=share), inputs)[2]
+            for share in (0.0, 0.5)]
+    assert runs[0] != runs[1]
 
 
 def test_a_prompt_without_question_at_a_small_budget_keeps_only_sinks_and_window_for_sure():
@@ -358,3 +417,7 @@ def test_question_free_prior_is_checked():
         HybridKV(0.1, diversity_anchor=0)
     with pytest.raises(ValueError, match=r"derotate_share must be a number in \[0, 1\]"):
         HybridKV(0.1, derotate_share=1.5)
+    with pytest.raises(ValueError, match=r"consensus_share must be a number in \[0, 1\]"):
+        HybridKV(0.1, consensus_share=-0.1)
+    with pytest.raises(ValueError, match="consensus_from must be below 1.0"):
+        HybridKV(0.1, consensus_from=1.0)

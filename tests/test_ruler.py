@@ -242,11 +242,12 @@ def test_retention_diagnostic_counts_static_heads_keeping_a_reference():
                    "key_share": round((1 + 0 + 6 / 12) / 3, 3)}
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
+@pytest.mark.parametrize("share,consensus", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
+def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share, consensus):
     """The position bias is measured on the scores HybridKV ranked each layer's tokens by while
-    compressing (one (Hkv, S) ranking per layer; at ``derotate_share`` 0.5 the union ranking), and
-    per eighth of the prompt it is the mean percentile of those scores."""
+    compressing (one (Hkv, S) ranking per layer; at ``derotate_share`` 0.5 the union ranking, with
+    the model-wide ranking its union with that), and per eighth of the prompt it is the mean
+    percentile of those scores."""
     import torch
 
     from hybridkv import HybridKV
@@ -257,7 +258,7 @@ def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
     assert retention.position_bias([ascending, ascending]) == [round((4 * i + 1) / 32, 3) for i in range(8)]
     model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
     inputs = visual_inputs(images=2, grid=16, question=0, seed=6)  # no question: key diversity ranks
-    method = HybridKV(0.3, max_dynamic_share=0.0, derotate_share=share)
+    method = HybridKV(0.3, max_dynamic_share=0.0, derotate_share=share, consensus_share=consensus)
     rankings = retention.record_rankings(method)
     with method.apply(model) as engine:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -277,8 +278,9 @@ def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share):
 
 def test_question_free_prefill_counts_the_compression_and_the_second_ranking():
     """benchmarks/question_free_prefill.py: a prefill under HybridKV without a question runs more
-    aten ops than the plain prefill (the compression is inside the profiled forward), and ranking
-    twice (``derotate_share`` 0.5) more than once (0.0)."""
+    aten ops than the plain prefill (the compression is inside the profiled forward), ranking
+    twice (``derotate_share`` 0.5) more than once (0.0), and the model-wide ranking (the default,
+    ``consensus_share`` 0.5) more again."""
     from hybridkv import HybridKV
     from hybridkv.models.tiny import text_inputs, tiny_model
 
@@ -286,7 +288,9 @@ def test_question_free_prefill_counts_the_compression_and_the_second_ranking():
     model = tiny_model("qwen2")
     prefix = text_inputs(120, seed=3)
     plain = prefill.prefill_ops(model, prefix, None)
-    once = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.0))
-    twice = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.5))
-    assert plain < once < twice
-    assert prefill.prefill_seconds(model, prefix, HybridKV(0.3)) > 0
+    once = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.0, consensus_share=0.0))
+    twice = prefill.prefill_ops(model, prefix, HybridKV(0.3, derotate_share=0.5, consensus_share=0.0))
+    voted = prefill.prefill_ops(model, prefix, HybridKV(0.3))
+    assert plain < once < twice < voted
+    seconds, peak = prefill.prefill_seconds(model, prefix, HybridKV(0.3))
+    assert seconds > 0 and peak >= 0

@@ -26,7 +26,12 @@ of the first ranking and the best ``derotate_share`` of the second
 (:func:`hybridkv.scoring.union_ranking`; 0.0 is the cached keys alone). After RoPE a single mean
 favours a long prompt's ends whatever their content, so late needles are lost; before RoPE a
 word repeated all over the prompt looks ordinary, so the counting answers are lost; the union
-keeps some of both.
+keeps some of both. Each head then keeps the union of the best ``1 - consensus_share`` of that
+ranking and the best ``consensus_share`` (default 0.5) of a model-wide one, every token's mean
+place in the rankings of the deepest ``1 - consensus_from`` of the layers: deep layers single out
+content (a needle's words and digits) that the keys of middle layers do not, and what the model
+found there is what a later question reads at every depth. The engine then compresses the prompt
+after its last layer (:attr:`~hybridkv.decisions.Plan.surveys`), not layer by layer.
 ``"attention"`` the trailing window's attention, as SnapKV does; head types and budgets still
 come from the window's attention. ``docs/choices.md`` has the measurement behind the default.
 
@@ -71,6 +76,7 @@ from hybridkv.scoring import (
     mean_attention,
     pool_by_modality,
     pool_scores,
+    ranks,
     top_mask,
     union_ranking,
 )
@@ -87,6 +93,10 @@ class HybridKVPlan(Plan):
         head_types: (layers, kv_heads) ``"static"``/``"dynamic"`` (online: filled layer by layer).
         memory_budgets / attended_budgets / pool_chunks: (layers, kv_heads) long tensors.
         degraded: per layer, True when the budget could not hold the protected tokens.
+        question_free: per layer surveyed and not yet compressed, its (prior, ranking) scores
+            ((Hkv, S) each; question-free prompts with a model-wide ranking).
+        votes: (S,) summed places (0 = best) of every token in the voting heads' rankings.
+        voters: the number of voting heads so far.
     """
 
     def __init__(self, spec: ModelSpec, protected: torch.Tensor, must: torch.Tensor, tokens_per_head: int,
@@ -99,6 +109,9 @@ class HybridKVPlan(Plan):
         self.attended_budgets = torch.zeros_like(self.memory_budgets)
         self.pool_chunks = torch.zeros_like(self.memory_budgets)
         self.degraded = [False] * spec.num_layers
+        self.question_free: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.votes: torch.Tensor | float = 0.0
+        self.voters = 0
 
     def report_extra(self) -> dict:
         """Head types, stage-2 memory budgets, attended budgets, pool sizes and budget overruns."""
@@ -149,6 +162,11 @@ class HybridKV(Method):
             diversity of the keys with their RoPE undone
             (:attr:`~hybridkv.decisions.LayerContext.rotation`), the rest by that of the cached
             keys; where the rotation is unknown (a later turn's segment), the cached keys alone.
+        consensus_share: share in [0, 1] of a question-free head's ranked tokens chosen by the
+            model-wide ranking of the voting layers (0: each head's own ranking alone, compressed
+            layer by layer).
+        consensus_from: share of the model's depth in [0, 1) where the voting layers start
+            (0.5: the deeper half votes).
     """
 
     profile: HeadProfile | None = None
@@ -170,6 +188,8 @@ class HybridKV(Method):
     diversity_kernel: int = 3
     diversity_anchor: int | None = None
     derotate_share: float = 0.5
+    consensus_share: float = 0.5
+    consensus_from: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,8 +211,12 @@ class HybridKV(Method):
             raise ValueError(f"question_free_prior must be one of {QUESTION_FREE_PRIORS}, got {self.question_free_prior!r}.")
         if self.store not in ("device", "host"):
             raise ValueError(f"store must be 'device' or 'host', got {self.store!r}.")
-        for name in ("coverage", "base_share", "topk_share", "max_dynamic_share", "derotate_share"):
+        for name in ("coverage", "base_share", "topk_share", "max_dynamic_share", "derotate_share", "consensus_share",
+                     "consensus_from"):
             check_share(name, getattr(self, name))
+        if self.consensus_from == 1.0:
+            raise ValueError("consensus_from must be below 1.0 (the share of the depth where the voting layers start); "
+                             "turn the model-wide ranking off with consensus_share=0.0.")
         low, high = self.layer_share_range
         if not 0.0 <= low <= 1.0 <= high:
             raise ValueError(f"layer_share_range must be (min <= 1 <= max) multiples of the uniform share, "
@@ -222,6 +246,7 @@ class HybridKV(Method):
         settings = {"chunk_size": self.chunk_size, "pool": self.pool, "store": self.store,
                     "token_prior": self.question_free_prior if no_question else "text_prior"}
         plan = HybridKVPlan(spec, protected, must, tokens_per_head, "offline" if self.profile else "online", settings)
+        plan.surveys = settings["token_prior"] == "key_diversity" and self.consensus_share > 0.0
         if self.profile is not None:
             plan.head_types = [list(row) for row in self.profile.head_types]
             importance = torch.tensor(self.profile.importance)
@@ -251,7 +276,7 @@ class HybridKV(Method):
         if plan.source == "online":
             self._classify_online(ctx, plan, prior, start)
         if plan.settings["token_prior"] == "key_diversity":
-            prior, pooled = self.key_diversity_scores(ctx)
+            prior, pooled = self.question_free_scores(ctx, plan)
         else:
             pooled = pool_by_modality(prior, ctx.spans.visual, self.kernel_size, self.visual_kernel_size)
         degraded = plan.degraded[idx]
@@ -270,6 +295,28 @@ class HybridKV(Method):
                 keep[h], request = self._dynamic_head(idx, h, budget, prior[h], fixed, plan)
                 chunks.append(request)
         return Decision(keep, chunks, store=self.store)
+
+    def survey(self, ctx: LayerContext, plan: HybridKVPlan) -> None:
+        """Rank a question-free layer before any is compressed; a voting layer's heads add their
+        places to the model-wide ranking."""
+        scores = self.key_diversity_scores(ctx)
+        plan.question_free[ctx.layer_idx] = scores
+        if ctx.layer_idx >= int(self.consensus_from * ctx.spec.num_layers):
+            plan.votes = plan.votes + ranks(scores[1]).sum(dim=0)
+            plan.voters += scores[1].shape[0]
+
+    def question_free_scores(self, ctx: LayerContext, plan: HybridKVPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of a prompt without a question: (Hkv, S) that chunk pools sum and (Hkv, S) that
+        tokens are ranked by; with a model-wide ranking, the union of the head's own with it
+        (both times)."""
+        if not plan.surveys:
+            return self.key_diversity_scores(ctx)
+        _, own = plan.question_free.pop(ctx.layer_idx)
+        consensus = (-plan.votes / plan.voters).to(own.device).expand_as(own)
+        if self.consensus_share == 1.0:
+            return consensus, consensus
+        union = union_ranking(own, consensus, self.consensus_share)
+        return union, union
 
     def key_diversity_scores(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Question-free scores of one layer: (Hkv, S) that chunk pools sum and (Hkv, S) that
