@@ -49,6 +49,12 @@ class LayerContext:
     memo: dict | None = None
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def prior_row(self) -> int:
+        """Row of ``queries`` where the text-prior query span (``spans.query_start``) begins
+        (0 when the queries hold only that span or part of it)."""
+        return max(0, self.spans.query_start - (self.keys.shape[1] - self.queries.shape[1]))
+
 
 @dataclass
 class ChunkRequest:

@@ -304,11 +304,11 @@ class Engine:
         contexts = []
         for b, row in enumerate(self._segments):
             keys, values = seg_keys[b][:, row.columns], seg_values[b][:, row.columns]
-            rows = query[b][:, row.query_rows]
+            ctx = LayerContext(layer_idx, self.spec, query[b][:, row.query_rows], keys, values, scaling, row.spans,
+                               row.tokens_per_head, memo, rotations[b])
             if self._surveyed is not None:  # held until the last layer: the text-prior rows alone
-                rows = rows[:, max(0, row.spans.query_start - (keys.shape[1] - rows.shape[1])) :].clone()
-            contexts.append(LayerContext(layer_idx, self.spec, rows, keys, values, scaling, row.spans,
-                                         row.tokens_per_head, memo, rotations[b]))
+                ctx.queries = ctx.queries[:, ctx.prior_row :].clone()
+            contexts.append(ctx)
         return contexts
 
     def _compact(self, layer_idx: int, contexts: list[LayerContext]) -> None:

@@ -270,7 +270,7 @@ class HybridKV(Method):
         """Prune static heads, build the chunk pools of dynamic heads."""
         device = ctx.keys.device
         length = ctx.keys.shape[1]
-        start = max(0, ctx.spans.query_start - (length - ctx.queries.shape[1]))  # first text-prior query row
+        start = ctx.prior_row
         prior = mean_attention(ctx.queries, ctx.keys, start, ctx.scaling)  # (Hkv, S)
         idx = ctx.layer_idx
         if plan.source == "online":
