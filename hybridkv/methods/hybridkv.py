@@ -93,8 +93,8 @@ class HybridKVPlan(Plan):
         head_types: (layers, kv_heads) ``"static"``/``"dynamic"`` (online: filled layer by layer).
         memory_budgets / attended_budgets / pool_chunks: (layers, kv_heads) long tensors.
         degraded: per layer, True when the budget could not hold the protected tokens.
-        question_free: per layer surveyed and not yet compressed, its (prior, ranking) scores
-            ((Hkv, S) each; question-free prompts with a model-wide ranking).
+        question_free: per layer surveyed and not yet compressed, the (Hkv, S) scores its own
+            ranking orders tokens by (question-free prompts with a model-wide ranking).
         votes: (S,) summed places (0 = best) of every token in the voting heads' rankings.
         voters: the number of voting heads so far.
     """
@@ -109,7 +109,7 @@ class HybridKVPlan(Plan):
         self.attended_budgets = torch.zeros_like(self.memory_budgets)
         self.pool_chunks = torch.zeros_like(self.memory_budgets)
         self.degraded = [False] * spec.num_layers
-        self.question_free: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.question_free: dict[int, torch.Tensor] = {}
         self.votes: torch.Tensor | float = 0.0
         self.voters = 0
 
@@ -299,11 +299,11 @@ class HybridKV(Method):
     def survey(self, ctx: LayerContext, plan: HybridKVPlan) -> None:
         """Rank a question-free layer before any is compressed; a voting layer's heads add their
         places to the model-wide ranking."""
-        scores = self.key_diversity_scores(ctx)
-        plan.question_free[ctx.layer_idx] = scores
+        own = self.key_diversity_scores(ctx)[1]
+        plan.question_free[ctx.layer_idx] = own
         if ctx.layer_idx >= int(self.consensus_from * ctx.spec.num_layers):
-            plan.votes = plan.votes + ranks(scores[1]).sum(dim=0)
-            plan.voters += scores[1].shape[0]
+            plan.votes = plan.votes + ranks(own).sum(dim=0)
+            plan.voters += own.shape[0]
 
     def question_free_scores(self, ctx: LayerContext, plan: HybridKVPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of a prompt without a question: (Hkv, S) that chunk pools sum and (Hkv, S) that
@@ -311,7 +311,7 @@ class HybridKV(Method):
         (both times)."""
         if not plan.surveys:
             return self.key_diversity_scores(ctx)
-        _, own = plan.question_free.pop(ctx.layer_idx)
+        own = plan.question_free.pop(ctx.layer_idx)
         consensus = (-plan.votes / plan.voters).to(own.device).expand_as(own)
         if self.consensus_share == 1.0:
             return consensus, consensus
