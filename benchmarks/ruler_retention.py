@@ -63,16 +63,22 @@ def retention(kept: list[list[set[int]]], types: list[list[str]], span: list[int
 
 def record_rankings(method: HybridKV) -> list[torch.Tensor]:
     """Make ``method`` record, for every layer it compresses, the (Hkv, S) scores its
-    question-free ranking ranks that layer's tokens by; returns the list it appends to."""
+    question-free ranking ranks that layer's tokens by (where the prompt holds a question, the
+    scores key diversity would have ranked them by); returns the list it appends to."""
     rankings: list[torch.Tensor] = []
-    scores = method.question_free_scores
+    scores, compress = method.question_free_scores, method.compress
 
-    def recording(ctx, plan):
+    def recording_scores(ctx, plan):
         out = scores(ctx, plan)
         rankings.append(out[1].float().cpu())
         return out
 
-    method.question_free_scores = recording
+    def recording_compress(ctx, plan):
+        if plan.settings["token_prior"] != "key_diversity":  # a question ranks: no question-free scores
+            rankings.append(method.key_diversity_scores(ctx)[1].float().cpu())
+        return compress(ctx, plan)
+
+    method.question_free_scores, method.compress = recording_scores, recording_compress
     return rankings
 
 

@@ -276,6 +276,25 @@ def test_retention_diagnostic_reads_the_ranking_hybridkv_compressed_by(share, co
             assert best in held.tolist()
 
 
+def test_retention_diagnostic_reads_key_diversity_where_a_question_ranks():
+    """With a question in the prompt HybridKV ranks by the text prior and never computes
+    question-free scores; the diagnostic still records each layer's (Hkv, S) key-diversity scores,
+    the bias it reports under ``--protocol answer-after``."""
+    from hybridkv import HybridKV
+    from hybridkv.models.tiny import tiny_model, visual_inputs
+
+    retention = _benchmark_module("ruler_retention")
+    model = tiny_model("qwen2_5_vl", hidden_size=64, heads=4, kv_heads=2, seed=5)
+    inputs = visual_inputs(images=2, grid=16, seed=6)  # a question follows the images
+    method = HybridKV(0.3, max_dynamic_share=0.0)
+    rankings = retention.record_rankings(method)
+    with method.apply(model):
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert method.report.extra["token_prior"] == "text_prior"
+    assert len(rankings) == model.config.text_config.num_hidden_layers
+    assert all(scores.shape == (2, inputs["input_ids"].shape[1]) for scores in rankings)
+
+
 def test_question_free_prefill_counts_the_compression_and_the_second_ranking():
     """benchmarks/question_free_prefill.py: a prefill under HybridKV without a question runs more
     aten ops than the plain prefill (the compression is inside the profiled forward), ranking
