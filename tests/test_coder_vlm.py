@@ -164,3 +164,17 @@ def test_real_decoder_exact_at_budget_one(real):
             ours = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert ours.tolist() == plain.tolist()
     assert method.report.visual_tokens == 8 * 257
+
+
+def test_a_note_changes_only_the_text_after_the_images():
+    """scripts/prompt_wording.py feeds other notes on one prefill of the images: the tokens up to the
+    last image placeholder must not depend on the note, and the note must reach the prompt."""
+    tokenizer, processor = build_tokenizer(), coder_vlm.build_image_processor()
+    sample = make_sample("needle", 5, coder_vlm.TASK_CONFIG, num_images=2)
+    bundled = coder_vlm.build_inputs(tokenizer, processor, sample.images(), sample.question)["input_ids"]
+    other = coder_vlm.build_inputs(tokenizer, processor, sample.images(), sample.question, note="one star")["input_ids"]
+    end = int((bundled[0] == tokenizer.convert_tokens_to_ids(coder_vlm.IMAGE_PAD)).nonzero().max()) + 1
+    assert torch.equal(bundled[:, :end], other[:, :end]) and not torch.equal(bundled, other)
+    text = coder_vlm.prompt_text("What colour is the star?", [257, 257], note="one star")
+    assert "one star What colour is the star?" in text and coder_vlm.BOARD_NOTE not in text
+    assert coder_vlm.BOARD_NOTE in coder_vlm.prompt_text("What colour is the star?", [257, 257])

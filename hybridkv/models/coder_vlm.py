@@ -239,10 +239,10 @@ def load_coder_vlm(dtype: torch.dtype = torch.float32, device: str | torch.devic
     return model.to(device).eval(), tokenizer, build_image_processor()
 
 
-def prompt_text(question: str, num_image_tokens: Sequence[int]) -> str:
-    """The chat prompt: ``Image k:`` and the image's placeholders per image, then the question."""
+def prompt_text(question: str, num_image_tokens: Sequence[int], note: str = BOARD_NOTE) -> str:
+    """The chat prompt: ``Image k:`` and the image's placeholders per image, then ``note`` and the question."""
     images = "".join(f"Image {k}:{IMAGE_PAD * n}" for k, n in enumerate(num_image_tokens, 1))
-    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{images}{BOARD_NOTE} {question} "
+    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{images}{note} {question} "
             f"Answer with one word.{IM_END}\n{IM_START}assistant\n")
 
 
@@ -253,8 +253,9 @@ def question_text(question: str) -> str:
 
 
 def build_inputs(tokenizer, image_processor: LlavaOnevisionImageProcessor, images: Sequence[Image.Image],
-                 question: str, config: LlavaOnevisionConfig | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs of one prompt (batch 1).
+                 question: str, config: LlavaOnevisionConfig | None = None,
+                 note: str = BOARD_NOTE) -> dict[str, torch.Tensor]:
+    """Model inputs of one prompt (batch 1); ``note`` is said before the question.
 
     Returns:
         ``input_ids`` / ``attention_mask`` (1, L), ``pixel_values`` (images, tiles, 3, 224, 224),
@@ -266,7 +267,7 @@ def build_inputs(tokenizer, image_processor: LlavaOnevisionImageProcessor, image
     vision = image_processor(images=list(images), return_tensors="pt")
     alone = len(images) == 1
     counts = [llava_onevision_image_tokens(config, int(h), int(w), alone)[0] for h, w in vision["image_sizes"].tolist()]
-    encoded = tokenizer(prompt_text(question_text(question), counts), return_tensors="pt", add_special_tokens=False)
+    encoded = tokenizer(prompt_text(question_text(question), counts, note), return_tensors="pt", add_special_tokens=False)
     return {
         "input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
         "pixel_values": vision["pixel_values"], "image_sizes": vision["image_sizes"],
