@@ -32,11 +32,9 @@ NOTES = {
 
 def readings(model, tokenizer, processor, sample) -> dict[str, tuple[str, float]]:
     """Per wording: the greedy first answer word and the answer colour's log-probability margin."""
-    ids = {name: coder_vlm.build_inputs(tokenizer, processor, sample.images(), sample.question, model.config,
-                                        note)["input_ids"] for name, note in NOTES.items()}
-    inputs = coder_vlm.build_inputs(tokenizer, processor, sample.images(), sample.question, model.config)
-    if not torch.equal(ids["bundled"], inputs["input_ids"]):
-        raise RuntimeError("the bundled wording is not the prompt coder_vlm.build_inputs makes")
+    built = {name: coder_vlm.build_inputs(tokenizer, processor, sample.images(), sample.question, model.config, note)
+             for name, note in NOTES.items()}
+    inputs, ids = built["bundled"], {name: b["input_ids"] for name, b in built.items()}
     images_end = int((inputs["input_ids"][0] == model.config.image_token_index).nonzero().max()) + 1
     colour_ids = {c: tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in COLOURS}
     out = {}
