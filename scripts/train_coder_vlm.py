@@ -159,14 +159,14 @@ def main() -> None:
         target = table[targets]
         # logits: minus squared distances to the vocabulary's embeddings, in units of their mean squared norm
         logits = -torch.cdist(out.reshape(-1, out.shape[-1]), table_vocab).pow(2) / scale
-        ce = F.cross_entropy(logits, classes.reshape(-1), weight=class_weight)
+        token_ce = F.cross_entropy(logits, classes.reshape(-1), reduction="none")
         weight = class_weight[classes]
+        ce = (token_ce * weight.flatten()).sum() / weight.sum()  # = F.cross_entropy(..., weight=class_weight)
         relative = (out - target).pow(2).sum(-1) / target.pow(2).sum(-1)
         mse = (relative * weight).sum() / weight.sum()
         loss = ce + 10.0 * mse
         if args.hard_weight:
             worst = max(1, round(relative.numel() * args.hard_share))
-            token_ce = F.cross_entropy(logits, classes.reshape(-1), reduction="none")
             hardest = token_ce.topk(worst).values.mean() + 10.0 * relative.flatten().topk(worst).values.mean()
             loss = loss + args.hard_weight * hardest
         optimiser.zero_grad()

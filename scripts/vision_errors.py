@@ -45,12 +45,12 @@ def targets_of(scenes, tokenizer) -> torch.Tensor:
 def board_errors(model, tokenizer, processor, samples, results: dict | None) -> None:
     """Print the misread tokens, the far share, and per prompt the star confusions."""
     table = model.get_input_embeddings().weight.float()
-    vocab = torch.unique(torch.cat([targets_of(s.scenes, tokenizer).flatten() for s in samples]))
+    all_targets = [targets_of(s.scenes, tokenizer) for s in samples]
+    vocab = torch.unique(torch.cat([t.flatten() for t in all_targets]))
     star = coder_vlm.word_ids(tokenizer, [f" {NEEDLE_SHAPE}"])[0]
     misread, far, tokens, boards, wrong_boards, star_prompts = Counter(), 0, 0, 0, 0, 0
-    for sample in samples:
+    for sample, target in zip(samples, all_targets):
         out = read_boards(model, processor, sample.scenes).float()
-        target = targets_of(sample.scenes, tokenizer)
         nearest = vocab[torch.cdist(out.reshape(-1, out.shape[-1]), table[vocab]).argmin(-1)].view(target.shape)
         distance = (out - table[target]).norm(dim=-1) / table[target].norm(dim=-1)
         wrong = (nearest != target).nonzero().tolist()
