@@ -112,6 +112,7 @@ def evaluate(
 
         bar = tqdm(total=len(tasks) * (1 + (len(methods) + len(peers)) * len(budgets)), desc=f"eval {model_name}")
     for task in tasks:
+        _check_stored_prompt(store, model_name, task)
         todo = [(m, b) for m in methods for b in budgets if (model_name, task.key, m, b) not in store]
         todo_peers = [(p, b) for p in peers for b in budgets if (model_name, task.key, p, b) not in store]
         if bar is not None:
@@ -145,6 +146,20 @@ def evaluate(
                 bar.update(1)
     if bar is not None:
         bar.close()
+
+
+def _check_stored_prompt(store: ResultStore, model_name: str, task: EvalTask) -> None:
+    """Refuse to resume a task whose stored full-cache row was written for a prompt of another length:
+    the task key names the task and seed, not the prompt's wording, so a changed template would
+    otherwise mix two prompts in one table."""
+    stored = store.rows.get((model_name, task.key, "FullKV", 1.0))
+    if stored is None or "prompt_tokens" not in stored:
+        return
+    length = int(task.inputs()["input_ids"].shape[1])
+    if stored["prompt_tokens"] != length:
+        raise ValueError(f"{store.path} holds {task.key} for a prompt of {stored['prompt_tokens']} tokens; this run's "
+                         f"prompt has {length}: the prompt changed since those rows were written. Write to a new "
+                         "--out, or remove the file to rerun.")
 
 
 def _kvpress_generate(model, task: EvalTask, name: str, budget: float, max_new_tokens: int,

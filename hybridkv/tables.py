@@ -34,9 +34,10 @@ def summarize(rows: Iterable[dict], model_name: str) -> list[dict]:
 
 
 def markdown_table(table: list[dict], metric: str = "accuracy") -> str:
-    """Methods as rows, budgets as columns, ``metric`` in the cells (FullKV: one column); ``*``
-    marks cells where the method kept more than the budget on some prompt."""
-    budgets = sorted({r["budget"] for r in table if r["method"] != "FullKV"})
+    """Methods as rows, budgets as columns, ``metric`` in the cells (FullKV: its one value in every
+    column, or a column of budget 1.0 when it is the only method); ``*`` marks cells where the method
+    kept more than the budget on some prompt."""
+    budgets = sorted({r["budget"] for r in table if r["method"] != "FullKV"}) or [1.0]
     methods = list(dict.fromkeys(r["method"] for r in table))
     cell = {(r["method"], r["budget"]): r for r in table}
     full = cell.get(("FullKV", 1.0))

@@ -46,6 +46,15 @@ def test_evaluate_writes_rows_and_resumes(tmp_path):
     table = summarize(rows, "tiny")
     assert {(r["method"], r["prompts"]) for r in table} == {("FullKV", 2), ("SnapKV", 2), ("HybridKV:pool=None", 2)}
     assert "| FullKV |" in markdown_table(table)
+    # rows written for another prompt under the same task key are refused, not resumed
+    lines[0] = json.dumps({**rows[0], "prompt_tokens": rows[0]["prompt_tokens"] + 1})
+    (tmp_path / "changed.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="the prompt changed"):
+        evaluate(model, DigitTokenizer(), "tiny", tasks, ResultStore(tmp_path / "changed.jsonl"), ["SnapKV"], [0.5],
+                 progress=False, max_new_tokens=4)
+    full_only = markdown_table(summarize(full, "tiny")).splitlines()
+    assert full_only[0] == "| method | 1.0 | prompts |" and full_only[1] == "|---|---|---|"
+    assert full_only[2] == f"| FullKV | {table[0]['accuracy']} | 2 |"
 
 
 def test_store_refuses_a_malformed_line(tmp_path):
