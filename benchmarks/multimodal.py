@@ -23,7 +23,7 @@ question are compressed and the assistant header is fed after; ``question-after`
 images alone (see :mod:`hybridkv.data.visual_eval`).
 
     python benchmarks/multimodal.py [--model tiny-vlm] [--per-kind 50] [--protocol answer-after] [--threads 1]
-           [--images 8 16 32] [--peers kvpress:SnapKV ...] [--peer-budget 0.1]
+           [--images 8 16 32] [--peers kvpress:SnapKV ...] [--peer-budget 0.1] [--no-variants]
 """
 
 import argparse
@@ -64,6 +64,7 @@ if __name__ == "__main__":
     parser.add_argument("--images", nargs="+", help="coder-vlm: images per needle prompt (default: 8 16 32)")
     parser.add_argument("--peers", nargs="*", default=list(PEERS), help="coder-vlm: kvpress presses")
     parser.add_argument("--peer-budget", default="0.1", help="coder-vlm: the budget kvpress's presses run at")
+    parser.add_argument("--no-variants", action="store_true", help="run the default methods alone, not VARIANTS")
     args = parser.parse_args()
     if args.model == "tiny-vlm":
         tasks = ["visual-cell_colour", "visual-cell_shape", "visual-count", "visual-needle", "--images", "4", "8", "16"]
@@ -76,7 +77,7 @@ if __name__ == "__main__":
         profile, out = args.profile or "results/profiles/coder-vlm.json", f"results/multimodal_coder-vlm_{args.protocol}"
     common = ["--threads", args.threads, "eval", "--model", args.model, "--task", *tasks, *extra, "--protocol",
               args.protocol, "--profile", profile, "--out", out]
-    methods = (*methods, *VARIANTS.get((args.model, args.protocol), ()))
+    methods = (*methods, *(() if args.no_variants else VARIANTS.get((args.model, args.protocol), ())))
     main([*common, "--methods", *methods, "--budgets", *BUDGETS])
     if args.model == "coder-vlm" and args.peers:
         main([*common, "--methods", "--budgets", args.peer_budget, "--peers", *args.peers])

@@ -1,5 +1,6 @@
 """How surely coder-vlm's full cache reads the visual needle under other wordings of the text after
-the images: the measurement behind keeping :data:`hybridkv.models.coder_vlm.BOARD_NOTE` as it is.
+the images: the measurement behind coder-vlm's prompt (:func:`hybridkv.models.coder_vlm.prompt_text`),
+which says no note before the question.
 
 Each validation needle's system turn and images are prefilled once; every wording's text (the note
 before the question, the question, the chat tail) is fed on its own copy of that cache. Per wording:
@@ -19,15 +20,18 @@ import torch
 from hybridkv.data.visual_tasks import COLOURS, make_split
 from hybridkv.models import coder_vlm
 
-LAYOUT = "Each image is a board of 4x4 cells named a1 to d4; each cell is written as its name, its shape and its colour."
+BOARD = "Each image is a board of 4x4 cells named a1 to d4."
+LAYOUT = f"{BOARD[:-1]}; each cell is written as its name, its shape and its colour."
 UNIQUE = "Exactly one cell of one image holds a star."
 NOTES = {
-    "bundled": coder_vlm.BOARD_NOTE,
+    "bundled": "",
+    "board": BOARD,
     "+layout": LAYOUT,
-    "+unique": f"{coder_vlm.BOARD_NOTE} {UNIQUE}",
+    "+unique": f"{BOARD} {UNIQUE}",
     "+layout+unique": f"{LAYOUT} {UNIQUE}",
 }
-"""The note said before the question, per wording (``bundled``: the model's own prompt)."""
+"""The note said before the question, per wording (``bundled``: the model's own prompt, no note;
+``board``: the note it said until 2026-12-07)."""
 
 
 def readings(model, tokenizer, processor, sample) -> dict[str, tuple[str, float]]:

@@ -176,5 +176,5 @@ def test_a_note_changes_only_the_text_after_the_images():
     end = int((bundled[0] == tokenizer.convert_tokens_to_ids(coder_vlm.IMAGE_PAD)).nonzero().max()) + 1
     assert torch.equal(bundled[:, :end], other[:, :end]) and not torch.equal(bundled, other)
     text = coder_vlm.prompt_text("What colour is the star?", [257, 257], note="one star")
-    assert "one star What colour is the star?" in text and coder_vlm.BOARD_NOTE not in text
-    assert coder_vlm.BOARD_NOTE in coder_vlm.prompt_text("What colour is the star?", [257, 257])
+    assert f"{coder_vlm.IMAGE_PAD}one star What colour is the star?" in text
+    assert f"{coder_vlm.IMAGE_PAD}What colour is the star?" in coder_vlm.prompt_text("What colour is the star?", [257, 257])

@@ -85,8 +85,6 @@ FILLER = " ."
 """The words of background patches (and the shape slot of an empty cell)."""
 
 SYSTEM = "You are a helpful assistant."
-BOARD_NOTE = "Each image is a board of 4x4 cells named a1 to d4."
-"""Said before every question, so the decoder knows how a caption names cells."""
 
 
 @dataclass(frozen=True)
@@ -239,10 +237,13 @@ def load_coder_vlm(dtype: torch.dtype = torch.float32, device: str | torch.devic
     return model.to(device).eval(), tokenizer, build_image_processor()
 
 
-def prompt_text(question: str, num_image_tokens: Sequence[int], note: str = BOARD_NOTE) -> str:
-    """The chat prompt: ``Image k:`` and the image's placeholders per image, then ``note`` and the question."""
+def prompt_text(question: str, num_image_tokens: Sequence[int], note: str = "") -> str:
+    """The chat prompt: ``Image k:`` and the image's placeholders per image, then ``note`` if one is
+    given and the question. The bundled prompt has no note: on the validation needles every note
+    tried narrowed the answer colour's margin (``scripts/prompt_wording.py``, docs/coder_vlm.md)."""
     images = "".join(f"Image {k}:{IMAGE_PAD * n}" for k, n in enumerate(num_image_tokens, 1))
-    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{images}{note} {question} "
+    text = f"{note} {question}" if note else question
+    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{images}{text} "
             f"Answer with one word.{IM_END}\n{IM_START}assistant\n")
 
 
@@ -254,8 +255,8 @@ def question_text(question: str) -> str:
 
 def build_inputs(tokenizer, image_processor: LlavaOnevisionImageProcessor, images: Sequence[Image.Image],
                  question: str, config: LlavaOnevisionConfig | None = None,
-                 note: str = BOARD_NOTE) -> dict[str, torch.Tensor]:
-    """Model inputs of one prompt (batch 1); ``note`` is said before the question.
+                 note: str = "") -> dict[str, torch.Tensor]:
+    """Model inputs of one prompt (batch 1); ``note``, if given, is said before the question.
 
     Returns:
         ``input_ids`` / ``attention_mask`` (1, L), ``pixel_values`` (images, tiles, 3, 224, 224),
