@@ -79,7 +79,7 @@ def _row(model_name: str, task: EvalTask, method: str, budget: float, text: str,
         "kl": None if kl is None else round(kl, 5),
         "kv_ratio": None if report is None else round(report.compression_ratio, 2),
         "budget_exceeded_tokens": None if report is None else report.budget_exceeded_tokens,
-        "prompt_tokens": int(task.inputs()["input_ids"].shape[1]), "tail_tokens": task.tail_tokens,
+        "prompt_tokens": _prompt_tokens(task), "tail_tokens": task.tail_tokens,
     }
     if hasattr(task, "score"):
         row["score"] = round(float(task.score(text)), 4)
@@ -148,6 +148,11 @@ def evaluate(
         bar.close()
 
 
+def _prompt_tokens(task: EvalTask) -> int:
+    """Tokens in the task's prompt (the ``prompt_tokens`` of its rows)."""
+    return int(task.inputs()["input_ids"].shape[1])
+
+
 def _check_stored_prompt(store: ResultStore, model_name: str, task: EvalTask) -> None:
     """Refuse to resume a task whose stored full-cache row was written for a prompt of another length:
     the task key names the task and seed, not the prompt's wording, so a changed template would
@@ -155,7 +160,7 @@ def _check_stored_prompt(store: ResultStore, model_name: str, task: EvalTask) ->
     stored = store.rows.get((model_name, task.key, "FullKV", 1.0))
     if stored is None or "prompt_tokens" not in stored:
         return
-    length = int(task.inputs()["input_ids"].shape[1])
+    length = _prompt_tokens(task)
     if stored["prompt_tokens"] != length:
         raise ValueError(f"{store.path} holds {task.key} for a prompt of {stored['prompt_tokens']} tokens; this run's "
                          f"prompt has {length}: the prompt changed since those rows were written. Write to a new "
