@@ -21,6 +21,13 @@ def _placement(args: argparse.Namespace) -> dict:
     return {"dtype": DTYPES[args.dtype], "device": resolve_device(args.device)}
 
 
+def _no_weights(args: argparse.Namespace) -> None:
+    """A clear error for ``--weights`` with a text model (its weights are what ``--model`` names)."""
+    if args.weights is not None:
+        raise SystemExit(f"--weights applies to {' and '.join(VISUAL_MODELS)}; a text model's weights are what "
+                         f"--model names (a known name or a checkpoint path), not {args.model!r} with --weights")
+
+
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     from hybridkv.device import DTYPES
 
@@ -58,7 +65,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from hybridkv.data.visual_eval import visual_tasks
         from hybridkv.models.visual_models import visual_model
 
-        model, tokenizer, processor = visual_model(args.model).load(**_placement(args))
+        model, tokenizer, processor = visual_model(args.model).load(**_placement(args), weights=args.weights)
         kinds = ["needle", "cell_colour"] if args.model == "tiny-vlm" else ["needle"]  # coder-vlm: multi-image only
         tasks = visual_tasks(tokenizer, processor, kinds, -(-args.samples // len(kinds)), "validation",
                              model=args.model)
@@ -66,6 +73,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     else:
         from hybridkv.models.loading import load_model
 
+        _no_weights(args)
         model, tokenizer = load_model(args.model, **_placement(args))
         depths = [(i + 0.5) / args.samples for i in range(args.samples)]
         samples = [{**t.inputs(), "query_tokens": t.query_tokens}
@@ -93,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         if args.model not in VISUAL_MODELS:
             raise SystemExit(f"visual tasks run on the project's VLMs: --model {' or '.join(VISUAL_MODELS)}")
-        model, tokenizer, processor = visual_model(args.model).load(**_placement(args))
+        model, tokenizer, processor = visual_model(args.model).load(**_placement(args), weights=args.weights)
         kinds = [t.replace("visual-", "") for t in visual]
         tasks = visual_tasks(tokenizer, processor, kinds, args.per_kind, args.split, num_images=args.images or None,
                              protocol=args.protocol, model=args.model)
@@ -103,6 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         from hybridkv.models.loading import load_model
 
+        _no_weights(args)
         if args.split != "test":
             raise SystemExit("--split applies to visual tasks; text tasks choose their prompts with --seeds")
         model, tokenizer = load_model(args.model, **_placement(args))
@@ -114,7 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     skipped = sorted(set(args.methods) - set(methods))
     if skipped:
         print(f"no --profile: skipping {', '.join(skipped)}", file=sys.stderr)
-    evaluation.run_table(model, tokenizer, args.model, tasks, args.out, methods, args.budgets, args.peers, profile,
+    # rows of other weights are another model's: they never resume into (or mix with) the bundled model's rows
+    name = args.model if args.weights is None else f"{args.model}@{args.weights}"
+    evaluation.run_table(model, tokenizer, name, tasks, args.out, methods, args.budgets, args.peers, profile,
                          args.max_new_tokens, title, kinds)
 
 
@@ -185,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--max-dynamic-share", type=float, default=0.5)
+    p.add_argument("--weights", help="tiny-vlm / coder-vlm: their trained weights from this directory instead of the "
+                   "bundled ones (what scripts/train_tiny_vlm.py or scripts/train_coder_vlm.py --out wrote)")
     _add_placement(p)
     p.set_defaults(func=cmd_profile)
 
@@ -213,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
     p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (RULER tasks set their own)")
+    p.add_argument("--weights", help="tiny-vlm / coder-vlm: their trained weights from this directory instead of the "
+                   "bundled ones (what scripts/train_tiny_vlm.py or scripts/train_coder_vlm.py --out wrote)")
     _add_placement(p)
     p.add_argument("--out", default="results/quality")
     p.set_defaults(func=cmd_eval)

@@ -67,3 +67,26 @@ def test_eval_split_draws_visual_questions_from_it_and_text_tasks_refuse_it(chec
     assert not any(f"s{seed}-" in task for seed in split_seeds("test", 2) for task in tasks)
     with pytest.raises(SystemExit, match="--split applies to visual tasks"):
         main(["eval", "--model", str(checkpoint), "--task", "needle", "--split", "validation", "--out", str(out)])
+
+
+def test_eval_weights_load_that_directory_and_name_its_rows(checkpoint, tmp_path):
+    import torch
+
+    from hybridkv.models.tiny_vlm import load_tiny_vlm, save_tiny_vlm
+    from hybridkv.models.visual_models import visual_model
+
+    model, tokenizer, processor = load_tiny_vlm()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    weights = tmp_path / "retrained"
+    save_tiny_vlm(model, tokenizer, processor, weights)
+    loaded, _, _ = visual_model("tiny-vlm").load(weights=weights)
+    assert not loaded.lm_head.weight.any() and load_tiny_vlm()[0].lm_head.weight.any()
+
+    out = tmp_path / "quality"
+    main(["--threads", "1", "eval", "--model", "tiny-vlm", "--weights", str(weights), "--task", "visual-count",
+          "--per-kind", "1", "--methods", "--budgets", "0.4", "--max-new-tokens", "2", "--out", str(out)])
+    rows = [json.loads(r) for r in Path(f"{out}.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == [f"tiny-vlm@{weights}"]  # never resumed into the bundled model's rows
+    with pytest.raises(SystemExit, match="--weights applies to tiny-vlm and coder-vlm"):
+        main(["eval", "--model", str(checkpoint), "--weights", str(weights), "--out", str(out)])

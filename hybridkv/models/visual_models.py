@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,7 @@ class VisualModel:
     Attributes:
         name: the ``--model`` name. module: the module with ``build_inputs`` and the loader.
         loader: the loader's name in ``module`` (``dtype=``, ``device=`` keywords).
+        weights_keyword: the loader's keyword for the directory its trained weights come from.
         images_end: the token that closes the last image; the ``question-after`` protocol feeds
             everything after it.
         task_config: the boards the model reads.
@@ -31,12 +33,16 @@ class VisualModel:
     name: str
     module: str
     loader: str
+    weights_keyword: str
     images_end: str
     task_config: TaskConfig
 
-    def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """(model, tokenizer, image processor), in eval mode."""
-        return getattr(import_module(self.module), self.loader)(dtype=dtype, device=device)
+    def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             weights: str | Path | None = None):
+        """(model, tokenizer, image processor), in eval mode; the trained weights from ``weights`` (a
+        directory the model's training script wrote) instead of the bundled ones when given."""
+        where = {} if weights is None else {self.weights_keyword: Path(weights)}
+        return getattr(import_module(self.module), self.loader)(dtype=dtype, device=device, **where)
 
     def build_inputs(self, tokenizer, image_processor, images, question: str) -> dict[str, torch.Tensor]:
         """The batch-1 prompt tensors of ``question`` about ``images``."""
@@ -44,8 +50,9 @@ class VisualModel:
 
 
 VISUAL_MODELS: dict[str, VisualModel] = {
-    "tiny-vlm": VisualModel("tiny-vlm", "hybridkv.models.tiny_vlm", "load_tiny_vlm", "<|vision_end|>", TaskConfig()),
-    "coder-vlm": VisualModel("coder-vlm", "hybridkv.models.coder_vlm", "load_coder_vlm", "<|image_pad|>", CODER_BOARDS),
+    "tiny-vlm": VisualModel("tiny-vlm", "hybridkv.models.tiny_vlm", "load_tiny_vlm", "path", "<|vision_end|>", TaskConfig()),
+    "coder-vlm": VisualModel("coder-vlm", "hybridkv.models.coder_vlm", "load_coder_vlm", "directory", "<|image_pad|>",
+                             CODER_BOARDS),
 }
 """The models ``hybridkv eval`` / ``profile`` run the visual tasks on."""
 
