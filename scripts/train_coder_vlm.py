@@ -18,7 +18,9 @@ Reproduce the bundled weights in two runs (seed 0):
 
 The first trains from scratch; the second continues from it on boards it has not seen, with the
 worst tokens of each batch weighted up: it reads far fewer shapes as another shape (a triangle read as
-the needle's star puts a second star in the haystack), see ``docs/coder_vlm.md``.
+the needle's star puts a second star in the haystack), see ``docs/coder_vlm.md``. With the first run
+at the default two threads the pair takes 54 minutes on two cores; the weights then differ from the
+bundled ones (another thread count sums in another order), and read the validation boards about as well.
 """
 
 from __future__ import annotations
