@@ -28,6 +28,11 @@ def _no_weights(args: argparse.Namespace) -> None:
                          f"--model names (a known name or a checkpoint path), not {args.model!r} with --weights")
 
 
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="tiny-vlm / coder-vlm: their trained weights from this directory instead of "
+                        "the bundled ones (what scripts/train_tiny_vlm.py or scripts/train_coder_vlm.py --out wrote)")
+
+
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     from hybridkv.device import DTYPES
 
@@ -196,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--max-dynamic-share", type=float, default=0.5)
-    p.add_argument("--weights", help="tiny-vlm / coder-vlm: their trained weights from this directory instead of the "
-                   "bundled ones (what scripts/train_tiny_vlm.py or scripts/train_coder_vlm.py --out wrote)")
+    _add_weights(p)
     _add_placement(p)
     p.set_defaults(func=cmd_profile)
 
@@ -226,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", nargs="*", default=[], help="kvpress presses, e.g. kvpress:SnapKV (needs hybridkv[bench])")
     p.add_argument("--profile", help="head profile JSON (enables SparseMM and HybridKV-offline)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length (RULER tasks set their own)")
-    p.add_argument("--weights", help="tiny-vlm / coder-vlm: their trained weights from this directory instead of the "
-                   "bundled ones (what scripts/train_tiny_vlm.py or scripts/train_coder_vlm.py --out wrote)")
+    _add_weights(p)
     _add_placement(p)
     p.add_argument("--out", default="results/quality")
     p.set_defaults(func=cmd_eval)

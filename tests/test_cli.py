@@ -88,5 +88,6 @@ def test_eval_weights_load_that_directory_and_name_its_rows(checkpoint, tmp_path
           "--per-kind", "1", "--methods", "--budgets", "0.4", "--max-new-tokens", "2", "--out", str(out)])
     rows = [json.loads(r) for r in Path(f"{out}.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == [f"tiny-vlm@{weights}"]  # never resumed into the bundled model's rows
-    with pytest.raises(SystemExit, match="--weights applies to tiny-vlm and coder-vlm"):
-        main(["eval", "--model", str(checkpoint), "--weights", str(weights), "--out", str(out)])
+    for command in (["eval", "--out", str(out)], ["profile", "--out", str(tmp_path / "profile.json")]):
+        with pytest.raises(SystemExit, match="--weights applies to tiny-vlm and coder-vlm"):
+            main([*command, "--model", str(checkpoint), "--weights", str(weights)])
